@@ -1,0 +1,7 @@
+"""Datasets: one module per format, all returning ``(image, target)`` per docs/architecture.md."""
+from datasets.registry import build_dataset, dataset_defaults, dataset_names, register_dataset
+
+# Importing a format module registers it.
+from datasets import synthetic  # noqa: F401,E402
+
+__all__ = ["build_dataset", "dataset_defaults", "dataset_names", "register_dataset"]

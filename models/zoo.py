@@ -1,0 +1,133 @@
+"""Mask R-CNN variants assembled from torchvision parts.
+
+Every variant is built the same way (ResNet body → FPN → MaskRCNN) so that one weight-loading
+path serves them all: ``pretrained`` only decides the normalisation (frozen BN statistics, as
+torchvision does for pretrained backbones, or trainable BN from scratch) and how many backbone
+stages train by default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+import torchvision
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Options that shape the detector; dense cell images need the caps raised together."""
+    min_size: int = 800
+    max_size: int = 1333
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    detections_per_img: int = 100
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    trainable_backbone_layers: int | None = None  # None: 3 when pretrained, else all 5
+
+
+@dataclass(frozen=True)
+class Variant:
+    backbone: str                 # torchvision.models.resnet builder name
+    v2: bool                      # the improved heads of maskrcnn_resnet50_fpn_v2
+    weights_enum: str | None      # full-model torchvision weights enum, where one exists
+    description: str = field(default="")
+    width: int = 256              # FPN and head channels; the small variants use 128
+
+
+VARIANTS: dict[str, Variant] = {
+    "maskrcnn_resnet50_fpn": Variant("resnet50", False, "MaskRCNN_ResNet50_FPN_Weights",
+                                     "torchvision's Mask R-CNN R50-FPN (default for real data)"),
+    "maskrcnn_resnet50_fpn_v2": Variant("resnet50", True, "MaskRCNN_ResNet50_FPN_V2_Weights",
+                                        "R50-FPN with BN heads and 4-conv RPN/box heads"),
+    "maskrcnn_resnet34_fpn": Variant("resnet34", False, None, "small: R34-FPN, 128-channel neck and heads", width=128),
+    "maskrcnn_resnet18_fpn": Variant("resnet18", False, None,
+                                     "small, CPU friendly: R18-FPN, 128-channel neck and heads (quick start)", width=128),
+}
+
+
+def model_names() -> list[str]:
+    return list(VARIANTS)
+
+
+def check_model_name(name: str) -> Variant:
+    if name not in VARIANTS:
+        listing = "\n".join(f"  {n:26s} {v.description}" for n, v in VARIANTS.items())
+        raise ValueError(f"unknown --model {name!r}; valid models:\n{listing}")
+    return VARIANTS[name]
+
+
+def assemble_model(name: str, num_classes: int, options: ModelOptions, pretrained: bool) -> MaskRCNN:
+    """Build variant ``name`` with ``num_classes`` (background included) and random weights."""
+    variant = check_model_name(name)
+    if len(options.anchor_sizes) != 5:
+        raise ValueError(f"--anchor-sizes needs one size per FPN level (5), got {list(options.anchor_sizes)}")
+    trainable = options.trainable_backbone_layers
+    if trainable is None:
+        trainable = 3 if pretrained else 5
+    if not 0 <= trainable <= 5:
+        raise ValueError(f"--trainable-backbone-layers must be in 0..5, got {trainable}")
+
+    # v2 always trains BN (as torchvision's v2); v1 freezes BN statistics when pretrained.
+    norm: Callable[..., nn.Module] = nn.BatchNorm2d if (variant.v2 or not pretrained) else FrozenBatchNorm2d
+    body = getattr(torchvision.models, variant.backbone)(weights=None, norm_layer=norm)
+    if variant.width == 256:
+        backbone = _resnet_fpn_extractor(body, trainable, norm_layer=nn.BatchNorm2d if variant.v2 else None)
+    else:
+        backbone = _narrow_fpn(body, trainable, variant.width)
+
+    anchors = AnchorGenerator(tuple((s,) for s in options.anchor_sizes),
+                              (tuple(options.anchor_ratios),) * len(options.anchor_sizes))
+    extra: dict[str, nn.Module] = {}
+    if variant.width != 256:
+        # At 256 channels the stride-4 FPN level and the 1024-wide box MLP cost more than an
+        # R18 body; halving the width keeps CPU steps short at a small cost in accuracy.
+        w = variant.width
+        extra = {
+            "box_head": TwoMLPHead(w * 7 * 7, 4 * w),
+            "box_predictor": FastRCNNPredictor(4 * w, num_classes),
+            "mask_head": MaskRCNNHeads(w, [w] * 4, 1),
+            "mask_predictor": MaskRCNNPredictor(w, w, num_classes),
+        }
+        num_classes = None  # the predictors above carry it
+    elif variant.v2:
+        extra = {
+            "rpn_head": RPNHead(backbone.out_channels, len(options.anchor_ratios), conv_depth=2),
+            "box_head": FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d),
+            "mask_head": MaskRCNNHeads(backbone.out_channels, [256] * 4, 1, norm_layer=nn.BatchNorm2d),
+        }
+    return MaskRCNN(
+        backbone, num_classes=num_classes, min_size=options.min_size, max_size=options.max_size,
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=options.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=options.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=options.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=options.rpn_post_nms_top_n_test,
+        box_score_thresh=options.box_score_thresh, box_nms_thresh=options.box_nms_thresh,
+        box_detections_per_img=options.detections_per_img, **extra)
+
+
+def _narrow_fpn(body: nn.Module, trainable_layers: int, width: int) -> BackboneWithFPN:
+    """ResNet body with an FPN of ``width`` channels over stages 1-4 plus a max-pool level."""
+    stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        stages.append("bn1")
+    for name, parameter in body.named_parameters():
+        if all(not name.startswith(stage) for stage in stages):
+            parameter.requires_grad_(False)
+    stage_channels = [body.layer1[-1].conv2.out_channels * (2 ** i) for i in range(4)]
+    return BackboneWithFPN(body, {f"layer{i + 1}": str(i) for i in range(4)}, stage_channels, width,
+                           extra_blocks=LastLevelMaxPool())
