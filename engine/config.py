@@ -117,6 +117,11 @@ def validate(c: TrainConfig) -> None:
         if not condition:
             raise ConfigError(message)
 
+    from models.zoo import check_model_name
+    try:
+        check_model_name(c.model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     need(c.batch_size >= 1, f"--batch-size must be ≥ 1, got {c.batch_size}")
     need(c.epochs >= 1, f"--epochs must be ≥ 1, got {c.epochs}")
     need(c.lr > 0, f"--lr must be > 0, got {c.lr}")
