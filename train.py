@@ -9,8 +9,6 @@ Every flag left unset takes the dataset's default (datasets/<format>.py), then T
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import os
 import sys
@@ -129,11 +127,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--deterministic", action="store_true", default=S, help="deterministic algorithms (slower)")
     g.add_argument("--print-freq", type=int, default=S)
+    # torch.distributed.launch without --use_env passes this; the rank is read from LOCAL_RANK anyway.
+    g.add_argument("--local-rank", "--local_rank", type=int, default=S, help=S)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = vars(args).copy()
+    given.pop("local_rank", None)
     dataset = given.pop("dataset")
     extra = dict(given.pop("dataset_opt", []))
     options = {k: given.pop(k) for k in DATASET_FLAGS if k in given}
@@ -243,7 +244,7 @@ def main(args: argparse.Namespace) -> dict:
     if config.test_only:
         if resume_from is None and not config.weights:
             raise ConfigError("--test-only needs a model to evaluate: pass --resume PATH or --weights")
-        report = trainer.evaluate(trainer.start_epoch)
+        report = trainer.evaluate(trainer.start_epoch, save_predictions=True)
     else:
         started = time.time()
         report = trainer.train()

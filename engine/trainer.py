@@ -242,10 +242,10 @@ class Trainer:
                 f"(check it with tools/check_dataset.py). The last good checkpoint is {self.run_dir / 'last.pth'}.")
 
     # -- evaluation -------------------------------------------------------------------------
-    def evaluate(self, epoch: int) -> dict:
+    def evaluate(self, epoch: int, save_predictions: bool = False) -> dict:
         # Evaluation must not consume the training RNG streams, or a resumed run would diverge.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            report, _ = evaluate_model(self.model_without_ddp, self.val_loader, self.val_gt, self.device,
+            report, results = evaluate_model(self.model_without_ddp, self.val_loader, self.val_gt, self.device,
                                        self.config.detections_per_img, amp=self.config.amp,
                                        sartorius_score_thresh=self.config.sartorius_score_thresh,
                                        class_names=self.class_names)
@@ -256,6 +256,9 @@ class Trainer:
                            "time": time.time()}, self.global_step)
         if self.dist.is_main:
             write_json_atomic(self.run_dir / "eval_report.json", {"epoch": epoch, **report})
+            if save_predictions:
+                write_json_atomic(self.run_dir / "predictions.json", results, indent=None)
+                log.info("predictions (COCO results) written to %s", self.run_dir / "predictions.json")
         return report
 
     def _maybe_save_best(self, epoch: int) -> None:

@@ -127,3 +127,30 @@ def test_bad_flags_give_clear_errors(tmp_path, capsys):
         assert exc.value.code == 2, argv
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, (argv, err)
+
+
+def test_sigterm_saves_position_and_exits(tmp_path):
+    """A real SIGTERM (a preempted cluster job): checkpoint at the current iteration, exit 143."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    argv = tiny_args(tmp_path, "--epochs", "50", "--eval-every", "0", "--synthetic-train-images", "8",
+                     "--name", "term")
+    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics = tmp_path / "runs" / "term" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    state = load_checkpoint(tmp_path / "runs" / "term" / "last.pth")
+    steps_logged = len(read_jsonl(metrics))
+    done = state["epoch"] * 4 + state["iteration"]  # 4 batches per epoch
+    assert state["global_step"] == done and done >= steps_logged >= 2
+    assert "--resume" in out
