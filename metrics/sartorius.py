@@ -9,7 +9,8 @@ reference kernel);
     image score = mean_t TP(t) / (TP(t) + FP(t) + FN(t)),   dataset score = mean over images.
 
 Empty cases: GT but no predictions → 0; no GT but predictions → 0; no GT and no predictions
-→ 1 (nothing to find, nothing wrongly found). Crowd GT annotations are left out.
+→ 1 (nothing to find, nothing wrongly found); TP + FP + FN = 0 with GT present (every GT hit
+twice or more, every prediction hitting) → 0 at that threshold. Crowd GT annotations are left out.
 Per class: an image whose class is known — its ``cell_type`` (a category name) or, failing
 that, the one category of all its GT — adds its image score to that class; an image with GT
 of several classes adds, per class present, the score of that class's GT and predictions
@@ -52,7 +53,7 @@ def scores_from_hits(pred: np.ndarray, gt: np.ndarray, values: np.ndarray, num_p
         tp = int((hits_per_gt == 1).sum())
         fn = int((hits_per_gt == 0).sum())
         fp = int(num_pred - pred_hit.sum())
-        out[i] = tp / (tp + fp + fn)
+        out[i] = tp / max(tp + fp + fn, 1)  # 0/0 only when every GT has ≥ 2 hits: TP = 0
     return out
 
 
