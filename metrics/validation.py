@@ -23,7 +23,15 @@ def _fail(where: str, message: str) -> None:
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool)
+    t = type(x)
+    return t is float or t is int or (isinstance(x, Real) and t is not bool)
+
+
+def _is_finite_number(x: Any) -> bool:
+    t = type(x)
+    if t is float:
+        return math.isfinite(x)
+    return t is int or (isinstance(x, Real) and t is not bool and math.isfinite(x))
 
 
 def _check_segmentation(where: str, segm: Any, height: int, width: int) -> None:
@@ -54,7 +62,7 @@ def _check_segmentation(where: str, segm: Any, height: int, width: int) -> None:
 
 def _check_bbox(where: str, bbox: Any) -> None:
     if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
-            and all(_is_number(v) and math.isfinite(v) for v in bbox)):
+            and all([_is_finite_number(v) for v in bbox])):
         _fail(where, f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
 
 

@@ -124,3 +124,28 @@ def test_rle_helpers_agree_with_pycocotools(seed, h, w, p):
     assert rle_area(rle) == int(m.sum())
     assert rle_counts(rle).sum() == h * w
     assert fortran_indices_to_rle(idx, h, w)["counts"].encode() == rle["counts"]
+
+
+def test_single_instance_equal_pycocotools():
+    gt, results = make_workload(num_images=1, height=60, width=80, min_cells=1, max_cells=1, pred_ratio=1.0, seed=4)
+    assert len(gt["annotations"]) == 1 and len(results) == 1
+    for iou_type in ("segm", "bbox"):
+        assert_same_as_pycocotools(gt, results, iou_type, 100)
+
+
+@pytest.mark.slow
+def test_800_instances_per_image_equal_pycocotools():
+    gt, results = make_workload(num_images=2, min_cells=800, max_cells=800, seed=8)
+    for iou_type in ("segm", "bbox"):
+        assert_same_as_pycocotools(gt, results, iou_type, 1000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(12, 212))
+def test_many_random_cases_equal_pycocotools(seed):
+    rng = np.random.default_rng(seed)
+    gt, results = make_random_case(rng, num_images=4, string_ids=seed % 3 == 0, with_bbox=seed % 4 != 3,
+                                   num_cats=1 + seed % 3)
+    for iou_type in ("segm", "bbox"):
+        for max_dets in (100, 3, 1000):
+            assert_same_as_pycocotools(gt, results, iou_type, max_dets)
