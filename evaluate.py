@@ -91,7 +91,15 @@ def evaluate_files(args: argparse.Namespace) -> tuple[dict, dict, list[dict]]:
         results = results["annotations"]  # a results file saved as a COCO dict
     check_ground_truth(gt, tuple(args.iou_types))
     check_results(results, gt, tuple(args.iou_types))
-    report = evaluate_predictions(gt, results, args.max_dets or 100, tuple(args.iou_types),
+    max_dets = args.max_dets or 100
+    per_image: dict = {}
+    for r in results:
+        per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
+    crowded = sum(n > max_dets for n in per_image.values())
+    if crowded:
+        print(f"note: {crowded} image(s) have more than {max_dets} predictions; COCO evaluation keeps the "
+              f"{max_dets} best-scored per image and category (raise --max-dets for dense images)", file=sys.stderr)
+    report = evaluate_predictions(gt, results, max_dets, tuple(args.iou_types),
                                   sartorius_score_thresh=args.sartorius_score_thresh, validate=False)
     return report, gt, results
 

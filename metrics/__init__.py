@@ -23,7 +23,7 @@ def evaluate_predictions(gt: dict, results: list[dict], max_dets: int,
         check_ground_truth(gt, iou_types)
         check_results(results, gt, iou_types)
     grouped = group(gt, results)
-    report: dict = {"coco": {t: coco_report(gt, results, t, max_dets, grouped) for t in iou_types},
+    report: dict = {"coco": {t: coco_report(gt, results, t, max_dets, grouped, class_names) for t in iou_types},
                     "max_dets": max_dets}
     if "segm" in iou_types:
         report["sartorius"] = sartorius_score(gt, results, sartorius_score_thresh, class_names)

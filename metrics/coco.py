@@ -368,10 +368,18 @@ def per_class_ap(result: CocoEvalResult) -> list[float]:
     return [_mean_valid(result.precision[:, :, k, 0, -1]) for k in range(len(result.cat_ids))]
 
 
+def category_names(gt: dict, class_names: list[str] | None = None) -> dict[int, str]:
+    """Category id → name: the GT's names, or ``class_names`` (in id order) when it has one per category."""
+    names = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]}
+    if class_names and len(class_names) == len(names):
+        names = {cid: class_names[n] for n, cid in enumerate(sorted(names))}
+    return names
+
+
 def coco_report(gt: dict, results: list[dict], iou_type: str, max_dets: int,
-                grouped: Grouped | None = None) -> dict:
+                grouped: Grouped | None = None, class_names: list[str] | None = None) -> dict:
     """``{"stats": [12], "AP", "AP50", "AP75", …, "per_class": {name: AP}}`` for one IoU type."""
     result = evaluate_coco(gt, results, iou_type, max_dets, grouped)
-    names = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]}
+    names = category_names(gt, class_names)
     per_class = {names[c]: ap for c, ap in zip(result.cat_ids, per_class_ap(result))}
     return {"stats": result.stats, **dict(zip(STAT_NAMES, result.stats)), "per_class": per_class}

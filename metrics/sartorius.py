@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from metrics.coco import det_rle, gt_rle
+from metrics.coco import category_names, det_rle, gt_rle
 
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 
@@ -93,9 +93,7 @@ def sartorius_score(gt: dict, results: list[dict], score_thresh: float = 0.5,
     ``{"score", "per_class": {name: score | None}, "per_threshold": {"0.50": …}, "per_image":
     {image_id: score}, "score_thresh", "overlapping_images"}``.
     """
-    names = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]}
-    if class_names and len(class_names) == len(names):
-        names = {cid: class_names[n] for n, cid in enumerate(sorted(names))}
+    names = category_names(gt, class_names)
     gt_by_image: dict = {img["id"]: [] for img in gt["images"]}
     for ann in gt["annotations"]:
         if not ann.get("iscrowd", 0):

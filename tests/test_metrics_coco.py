@@ -100,6 +100,9 @@ def test_report_shape():
     s = report["sartorius"]
     assert set(s) >= {"score", "per_class", "per_threshold", "per_image"}
     assert list(s["per_threshold"]) == [f"{t:.2f}" for t in np.arange(0.5, 0.96, 0.05)]
+    renamed = evaluate_predictions(gt, results, 1000, class_names=["a", "b", "c"])
+    assert set(renamed["coco"]["segm"]["per_class"]) == set(renamed["sartorius"]["per_class"]) == {"a", "b", "c"}
+    assert list(renamed["coco"]["bbox"]["per_class"].values()) == list(r["per_class"].values())
 
 
 def test_synthetic_dataset_ground_truth_is_accepted():
