@@ -66,9 +66,11 @@ def test_mask_nms():
     assert [e["score"] for e in out] == [0.9, 0.7]
 
 
-def test_search_score_equals_applying_its_parameters():
+@pytest.mark.parametrize("nms_iou", [None, 0.5])
+def test_search_score_equals_applying_its_parameters(nms_iou):
     gt, results = make_workload(num_images=4, height=120, width=160, min_cells=30, max_cells=120, seed=9)
-    found = search_postprocess(gt, results, score_grid=(0.2, 0.4, 0.6, 0.8), min_size_grid=(0, 20, 60))
+    found = search_postprocess(gt, results, nms_iou=nms_iou, score_grid=(0.2, 0.4, 0.6, 0.8), min_size_grid=(0, 20, 60))
+    assert found["params"]["nms_iou"] == nms_iou
     assert found["score"] >= found["baseline_score"]
     images = {img["id"]: img for img in gt["images"]}
     processed = []
