@@ -250,7 +250,8 @@ class SartoriusDataset(torch.utils.data.Dataset):
                 for k, (starts, lengths) in zip(kept, runs):
                     x0, y0, x1, y1 = kaggle_runs_box(starts, lengths, width)
                     annotations.append({
-                        "id": len(annotations) + 1, "image_id": self.image_ids[i],
+                        # The CSV line number: unique, the same in every fold, and traceable.
+                        "id": self.index.lines[p][k], "image_id": self.image_ids[i],
                         "category_id": int(self.index.labels[p][k]),
                         "segmentation": kaggle_rle_to_coco_rle(starts, lengths, height, width),
                         "area": float(lengths.sum()), "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0})
