@@ -37,7 +37,8 @@ from datasets.imageio import read_image, read_image_size
 from datasets.registry import register_dataset
 from datasets.splits import check_fold, grouped_stratified_folds
 from datasets.targets import make_target
-from utils.masks import fill_holes, fill_kaggle_runs, kaggle_rle_to_coco_rle, kaggle_runs_box, parse_kaggle_rle
+from utils.masks import (fill_holes, fill_kaggle_runs, kaggle_rle_to_coco_rle, kaggle_runs_box, lazy_zeros,
+                         parse_kaggle_rle)
 
 CLASS_NAMES = ["shsy5y", "astro", "cort"]
 REQUIRED_COLUMNS = ("id", "annotation", "width", "height", "cell_type", "sample_id")
@@ -210,8 +211,8 @@ class SartoriusDataset(torch.utils.data.Dataset):
         image = read_image(self.index.image_path(p), expected_size=(height, width))
         kept, runs = decode_runs(self.index, p, self.skip_bad)
         n = len(runs)
-        # np.zeros maps untouched pages lazily: a 790-instance stack costs only the rows it fills.
-        masks = np.zeros((n, height, width), dtype=np.uint8)
+        # Lazily mapped zeros: a 790-instance stack costs only the rows its runs fill.
+        masks = lazy_zeros(n, height, width)
         flat = masks.reshape(n, height * width)
         boxes = np.zeros((n, 4), dtype=np.float32)
         area = np.zeros(n, dtype=np.float32)
@@ -220,9 +221,9 @@ class SartoriusDataset(torch.utils.data.Dataset):
             boxes[j] = kaggle_runs_box(starts, lengths, width)
             area[j] = lengths.sum()
         if self.fill_holes and n:
-            fill_holes(masks)
+            fill_holes(masks, boxes)
             for j, (x0, y0, x1, y1) in enumerate(boxes.astype(np.int64)):
-                area[j] = masks[j, y0:y1, x0:x1].sum()
+                area[j] = np.count_nonzero(masks[j, y0:y1, x0:x1])
         labels = np.asarray(self.index.labels[p], dtype=np.int64)[kept]
         return image, make_target(masks, labels, boxes, self.image_ids[i], area=area)
 

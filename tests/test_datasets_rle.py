@@ -71,3 +71,11 @@ def test_label_image_to_instances_sparse_values_and_dtypes():
     assert masks[0].sum() == 9 and masks[1].sum() == 4 and masks[1, 0, 0] == 1
     empty, v = label_image_to_instances(np.zeros((4, 4), np.uint8))
     assert empty.shape == (0, 4, 4) and len(v) == 0
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 4), st.integers(1, 16), st.integers(1, 16)), elements=st.integers(0, 1)))
+def test_fill_holes_matches_scipy(masks):
+    from scipy.ndimage import binary_fill_holes
+    expected = np.stack([binary_fill_holes(m) for m in masks]).astype(np.uint8)
+    assert np.array_equal(fill_holes(masks.copy()), expected)

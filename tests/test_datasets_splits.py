@@ -8,7 +8,7 @@ from datasets.errors import DatasetError
 from datasets.splits import grouped_stratified_folds, random_split
 
 
-@settings(max_examples=60, deadline=None, database=None)
+@settings(max_examples=30, deadline=None, database=None)
 @given(st.lists(st.tuples(st.integers(0, 15), st.integers(1, 4)), min_size=1, max_size=40),
        st.integers(2, 5), st.integers(0, 3))
 def test_groups_never_straddle_folds(spec, k, seed):

@@ -146,3 +146,27 @@ def test_presets_on_dense_sample(preset):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="choose one of: none, hflip, cells, lsj"):
         build_transforms("mosaic", True)
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(st.integers(0, 10_000), st.integers(2, 30), st.integers(2, 30), st.integers(1, 8))
+def test_scale_crop_matches_dense_resampling(seed, h, w, n):
+    """The per-instance-box path equals resizing the whole mask stack (nearest-exact) at once."""
+    label, target = make_sample(seed, h, w, n)
+    image = torch.from_numpy(label).float()[None].expand(3, -1, -1) / 255
+    torch.manual_seed(seed)
+    transform = RandomScaleCrop((7, 9), scale_range=(0.5, 2.5))
+    out_image, out = transform(image, target)
+    # Recover the window the transform chose by replaying its random draws.
+    torch.manual_seed(seed)
+    r = 0.5 + 2.0 * torch.rand(1).item()
+    sh, sw = max(1, round(h * r)), max(1, round(w * r))
+    ch, cw = min(7, sh), min(9, sw)
+    top, left = int(torch.randint(0, sh - ch + 1, (1,))), int(torch.randint(0, sw - cw + 1, (1,)))
+    y0, x0 = min(int(top / r), h - 1), min(int(left / r), w - 1)
+    y1, x1 = min(h, max(y0 + 1, round((top + ch) / r))), min(w, max(x0 + 1, round((left + cw) / r)))
+    dense = torch.nn.functional.interpolate(target["masks"][:, None, y0:y1, x0:x1], size=(ch, cw),
+                                            mode="nearest-exact")[:, 0]
+    visible = dense.flatten(1).any(1)
+    assert torch.equal(out["masks"], dense[visible])
+    assert out["labels"].tolist() == target["labels"][visible].tolist()

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.masks import lazy_zeros
+
 # Target entries with one row per instance; transforms that drop instances index all of them.
 INSTANCE_KEYS = ("boxes", "labels", "masks", "area", "iscrowd")
 
@@ -32,7 +34,7 @@ def _randint(low: int, high: int) -> int:
 
 
 def select_instances(target: dict, keep: torch.Tensor) -> dict:
-    """Copy of ``target`` with only the instances where ``keep`` (bool ``N``) is True."""
+    """Copy of ``target`` with only the instances ``keep`` selects (bool ``N`` or int64 indices)."""
     target = dict(target)
     for key in INSTANCE_KEYS:
         if key in target:
@@ -62,9 +64,39 @@ def refresh_from_masks(target: dict) -> dict:
     masks = target["masks"]
     target = dict(target)
     target["boxes"] = boxes_from_masks(masks)
-    area = masks.flatten(1).sum(1, dtype=torch.int64).to(torch.float32) if len(masks) else torch.zeros(0)
+    n = len(masks)
+    area = torch.from_numpy(np.count_nonzero(masks.numpy().reshape(n, -1), axis=1).astype(np.float32))
     target["area"] = area
     return select_instances(target, area > 0)
+
+
+# Dense cell images carry hundreds of full-size masks (790 × 520 × 704 uint8 = 290 MB), so the
+# geometric transforms below work per instance inside its box and write into a lazily zeroed
+# array: pages no instance touches are never materialised, and no full-stack copy is made.
+# They assume every mask lies inside its box grown by BOX_MARGIN pixels — true for the boxes
+# the loaders here produce (tight from masks, or COCO boxes of rasterised polygons).
+BOX_MARGIN = 1
+
+
+def integer_boxes(boxes: torch.Tensor, h: int, w: int, margin: int = BOX_MARGIN) -> np.ndarray:
+    """float xyxy boxes → int64 ``N×4`` pixel ranges grown by ``margin`` and clipped to the image."""
+    b = boxes.detach().cpu().numpy().astype(np.float64).reshape(-1, 4)
+    out = np.empty(b.shape, dtype=np.int64)
+    out[:, 0] = np.clip(np.floor(b[:, 0]) - margin, 0, w)
+    out[:, 1] = np.clip(np.floor(b[:, 1]) - margin, 0, h)
+    out[:, 2] = np.clip(np.ceil(b[:, 2]) + margin, 0, w)
+    out[:, 3] = np.clip(np.ceil(b[:, 3]) + margin, 0, h)
+    return out
+
+
+def _region_box(region: np.ndarray, top: int, left: int) -> tuple[list[float], int]:
+    """Tight xyxy box of a binary ``region`` placed at (top, left), and its pixel count."""
+    rows = np.flatnonzero(region.any(axis=1))
+    if len(rows) == 0:
+        return [0.0, 0.0, 0.0, 0.0], 0
+    cols = np.flatnonzero(region.any(axis=0))
+    box = [left + cols[0], top + rows[0], left + cols[-1] + 1, top + rows[-1] + 1]
+    return [float(v) for v in box], int(np.count_nonzero(region))
 
 
 class Compose:
@@ -124,6 +156,19 @@ class ToFloatImage:
         return np.clip((array.astype(np.float32) - low) / (high - low), 0.0, 1.0)
 
 
+def _flip_masks(masks: torch.Tensor, boxes: torch.Tensor, axis: int) -> torch.Tensor:
+    """Flip masks ``N×H×W`` along ``axis`` (1: vertical, 2: horizontal), instance by instance."""
+    n, h, w = masks.shape
+    src = masks.numpy()
+    dst = lazy_zeros(n, h, w)
+    for k, (x0, y0, x1, y1) in enumerate(integer_boxes(boxes, h, w)):
+        if axis == 2:
+            dst[k, y0:y1, w - x1:w - x0] = src[k, y0:y1, x0:x1][:, ::-1]
+        else:
+            dst[k, h - y1:h - y0, x0:x1] = src[k, y0:y1, x0:x1][::-1]
+    return torch.from_numpy(dst)
+
+
 class RandomHorizontalFlip:
     def __init__(self, p: float = 0.5):
         self.p = p
@@ -135,8 +180,8 @@ class RandomHorizontalFlip:
             target = dict(target)
             boxes = target["boxes"].clone()
             boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+            target["masks"] = _flip_masks(target["masks"], target["boxes"], axis=2)
             target["boxes"] = boxes
-            target["masks"] = target["masks"].flip(-1)
         return image, target
 
 
@@ -151,8 +196,8 @@ class RandomVerticalFlip:
             target = dict(target)
             boxes = target["boxes"].clone()
             boxes[:, [1, 3]] = height - target["boxes"][:, [3, 1]]
+            target["masks"] = _flip_masks(target["masks"], target["boxes"], axis=1)
             target["boxes"] = boxes
-            target["masks"] = target["masks"].flip(-2)
         return image, target
 
 
@@ -170,9 +215,21 @@ class RandomRot90:
             x0, y0, x1, y1 = boxes.unbind(1)
             boxes = torch.stack([y0, width - x1, y1, width - x0], dim=1)
             height, width = width, height
+        masks = target["masks"]
+        n, h, w = masks.shape
+        src = masks.numpy()
+        dst = lazy_zeros(n, height, width)
+        for j, region_box in enumerate(integer_boxes(target["boxes"], h, w)):
+            rx0, ry0, rx1, ry1 = region_box.tolist()
+            ch, cw = h, w
+            for _ in range(k):   # the integer region moves like the box
+                rx0, ry0, rx1, ry1 = ry0, cw - rx1, ry1, cw - rx0
+                ch, cw = cw, ch
+            x0, y0, x1, y1 = region_box.tolist()
+            dst[j, ry0:ry1, rx0:rx1] = np.rot90(src[j, y0:y1, x0:x1], k)
         target = dict(target)
         target["boxes"] = boxes
-        target["masks"] = torch.rot90(target["masks"], k, dims=(-2, -1)).contiguous()
+        target["masks"] = torch.from_numpy(dst)
         return torch.rot90(image, k, dims=(-2, -1)).contiguous(), target
 
 
@@ -185,7 +242,8 @@ class RandomScaleCrop:
     torchvision's ScaleJitter + FixedSizeCrop). The crop window is chosen first and only that
     window is resized, so dense images never materialise upscaled full-size mask stacks.
     Instances partly inside the window are kept with their visible part; boxes and areas are
-    recomputed from the masks and instances left empty are dropped.
+    recomputed from the masks and instances left empty are dropped. Masks are resampled
+    nearest-exact, one instance box at a time.
     """
 
     def __init__(self, output_size, scale_range=(0.75, 1.5), relative_to: str = "native", pad: bool = False):
@@ -209,26 +267,40 @@ class RandomScaleCrop:
         y0, x0 = min(int(top / r), h - 1), min(int(left / r), w - 1)
         y1, x1 = min(h, max(y0 + 1, round((top + crop_h) / r))), min(w, max(x0 + 1, round((left + crop_w) / r)))
 
-        # Cheap pre-filter on boxes (1-px margin) before touching masks.
-        b = target["boxes"]
-        near = (b[:, 0] < x1 + 1) & (b[:, 2] > x0 - 1) & (b[:, 1] < y1 + 1) & (b[:, 3] > y0 - 1)
-        masks = target["masks"][:, y0:y1, x0:x1]   # a view: only the window is ever copied
-        if not bool(near.all()):
-            masks = masks[near]
-        target = select_instances({k: v for k, v in target.items() if k != "masks"}, near)
         image = image[:, y0:y1, x0:x1]
         if (y1 - y0, x1 - x0) != (crop_h, crop_w):
             image = F.interpolate(image[None], size=(crop_h, crop_w), mode="bilinear", align_corners=False,
                                   antialias=r < 1)[0].clamp_(0, 1)
-            if len(masks):
-                masks = F.interpolate(masks[:, None], size=(crop_h, crop_w), mode="nearest-exact")[:, 0]
-            else:
-                masks = masks.new_zeros((0, crop_h, crop_w))
+        # Source pixel of each output row/column: nearest-exact, the same pixel-centre
+        # convention as the bilinear image resize above.
+        ys = y0 + np.minimum(((np.arange(crop_h) + 0.5) * (y1 - y0) / crop_h).astype(np.int64), y1 - y0 - 1)
+        xs = x0 + np.minimum(((np.arange(crop_w) + 0.5) * (x1 - x0) / crop_w).astype(np.int64), x1 - x0 - 1)
+        masks = target["masks"].numpy()
+        kept, regions, boxes, areas = [], [], [], []
+        for k, (bx0, by0, bx1, by1) in enumerate(integer_boxes(target["boxes"], h, w)):
+            oy0, oy1 = np.searchsorted(ys, [by0, by1])
+            ox0, ox1 = np.searchsorted(xs, [bx0, bx1])
+            if oy1 <= oy0 or ox1 <= ox0:
+                continue
+            region = masks[k][np.ix_(ys[oy0:oy1], xs[ox0:ox1])]
+            box, area = _region_box(region, int(oy0), int(ox0))
+            if area:
+                kept.append(k)
+                regions.append((region, oy0, oy1, ox0, ox1))
+                boxes.append(box)
+                areas.append(area)
+        out_h, out_w = (out_h, out_w) if self.pad else (crop_h, crop_w)
         if self.pad and (crop_h, crop_w) != (out_h, out_w):
             image = F.pad(image, (0, out_w - crop_w, 0, out_h - crop_h))
-            masks = F.pad(masks, (0, out_w - crop_w, 0, out_h - crop_h))
-        target["masks"] = masks.contiguous()
-        return image.contiguous(), refresh_from_masks(target)
+        dst = lazy_zeros(len(kept), out_h, out_w)
+        for j, (region, oy0, oy1, ox0, ox1) in enumerate(regions):
+            dst[j, oy0:oy1, ox0:ox1] = region
+        target = select_instances({key: v for key, v in target.items() if key != "masks"},
+                                  torch.as_tensor(kept, dtype=torch.int64))
+        target["masks"] = torch.from_numpy(dst)
+        target["boxes"] = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        target["area"] = torch.tensor(areas, dtype=torch.float32)
+        return image.contiguous(), target
 
 
 class ColorJitter:
@@ -254,6 +326,6 @@ class ColorJitter:
         return image, target
 
 
-__all__ = ["Compose", "ToFloatImage", "RandomHorizontalFlip", "RandomVerticalFlip", "RandomRot90",
+__all__ = ["BOX_MARGIN", "Compose", "ToFloatImage", "RandomHorizontalFlip", "RandomVerticalFlip", "RandomRot90",
            "RandomScaleCrop", "ColorJitter", "boxes_from_masks", "refresh_from_masks", "select_instances",
            "INSTANCE_KEYS"]

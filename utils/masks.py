@@ -175,20 +175,24 @@ def kaggle_rle_to_coco_rle(starts: np.ndarray, lengths: np.ndarray, height: int,
     return rle
 
 
-def fill_holes(masks: np.ndarray) -> np.ndarray:
+def fill_holes(masks: np.ndarray, boxes: np.ndarray | None = None) -> np.ndarray:
     """Fill enclosed holes of each binary mask ``N×H×W`` uint8 (in place; also returned).
 
-    Works on each mask's bounding box plus a 1-pixel border, so dense images stay cheap.
+    A hole is a background region (4-connected) that does not reach the mask's bounding box
+    border. Works on each box plus a 1-pixel border, so dense images stay cheap; pass tight
+    xyxy ``boxes`` (``N×4``) when known to skip computing them from the masks.
     """
-    from scipy.ndimage import binary_fill_holes
-    boxes = masks_to_boxes(masks).astype(np.int64)
-    h, w = masks.shape[1:]
+    import cv2
+    if boxes is None:
+        boxes = masks_to_boxes(masks)
+    boxes = np.asarray(boxes).astype(np.int64)
     for mask, (x0, y0, x1, y1) in zip(masks, boxes):
-        if x1 <= x0:
-            continue
-        ya, yb, xa, xb = max(y0 - 1, 0), min(y1 + 1, h), max(x0 - 1, 0), min(x1 + 1, w)
-        crop = mask[ya:yb, xa:xb]
-        crop[binary_fill_holes(crop)] = 1
+        if x1 - x0 < 3 or y1 - y0 < 3:
+            continue  # too small to enclose anything
+        padded = np.zeros((y1 - y0 + 2, x1 - x0 + 2), dtype=np.uint8)
+        padded[1:-1, 1:-1] = mask[y0:y1, x0:x1]
+        cv2.floodFill(padded, None, (0, 0), 1)   # everything reachable from outside becomes 1
+        mask[y0:y1, x0:x1][padded[1:-1, 1:-1] == 0] = 1
     return masks
 
 
@@ -203,7 +207,7 @@ def label_image_to_instances(label_image: np.ndarray) -> tuple[np.ndarray, np.nd
         raise ValueError(f"label image must be 2-D, got shape {label_image.shape}")
     values = np.unique(label_image)
     values = values[values != 0]
-    masks = np.zeros((len(values),) + label_image.shape, dtype=np.uint8)
+    masks = lazy_zeros(len(values), *label_image.shape)
     if len(values) == 0:
         return masks, values
     # Relabel to 1..N so find_objects' output is as long as N, not max(label).
@@ -213,3 +217,17 @@ def label_image_to_instances(label_image: np.ndarray) -> tuple[np.ndarray, np.nd
         if slices is not None:
             masks[k][slices] = dense[slices] == k + 1
     return masks, values
+
+
+def lazy_zeros(n: int, height: int, width: int) -> np.ndarray:
+    """uint8 zeros ``n×height×width`` whose memory the OS provides only where written.
+
+    Backed by an anonymous mmap rather than ``np.zeros``: numpy advises huge pages for large
+    arrays, so writing a few rows of each of 790 masks would materialise (and zero) the whole
+    290 MB stack in 2 MB pages; with 4 KB pages only the touched rows cost memory.
+    """
+    import mmap
+    size = n * height * width
+    if size == 0:
+        return np.zeros((n, height, width), dtype=np.uint8)
+    return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8).reshape(n, height, width)
