@@ -179,6 +179,15 @@ def test_options_errors(tmp_path):
         build_dataset("sartorius", "train", {"data_path": str(tmp_path)})
 
 
+def test_worker_sample_equals_in_process(sartorius_root):
+    # Masks live in mmap-backed arrays; they must survive the trip through a worker's queue.
+    ds = build_dataset("sartorius", "val", {"data_path": sartorius_root, "num_folds": 3})
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, collate_fn=lambda b: b)
+    (image, target), _ = next(iter(loader))
+    expected = ds[0][1]
+    assert torch.equal(target["masks"], expected["masks"]) and torch.equal(target["boxes"], expected["boxes"])
+
+
 def test_worker_error_carries_file_name(tmp_path):
     write_csv(tmp_path, [("a", "5 2 1 1", "cort")])
     ds = build_dataset("sartorius", "train", {"data_path": str(tmp_path), "num_folds": 0},
