@@ -59,17 +59,6 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
-def refresh_from_masks(target: dict) -> dict:
-    """Recompute boxes and areas from masks and drop instances whose mask became empty."""
-    masks = target["masks"]
-    target = dict(target)
-    target["boxes"] = boxes_from_masks(masks)
-    n = len(masks)
-    area = torch.from_numpy(np.count_nonzero(masks.numpy().reshape(n, -1), axis=1).astype(np.float32))
-    target["area"] = area
-    return select_instances(target, area > 0)
-
-
 # Dense cell images carry hundreds of full-size masks (790 × 520 × 704 uint8 = 290 MB), so the
 # geometric transforms below work per instance inside its box and write into a lazily zeroed
 # array: pages no instance touches are never materialised, and no full-stack copy is made.
@@ -327,5 +316,5 @@ class ColorJitter:
 
 
 __all__ = ["BOX_MARGIN", "Compose", "ToFloatImage", "RandomHorizontalFlip", "RandomVerticalFlip", "RandomRot90",
-           "RandomScaleCrop", "ColorJitter", "boxes_from_masks", "refresh_from_masks", "select_instances",
+           "RandomScaleCrop", "ColorJitter", "boxes_from_masks", "select_instances",
            "INSTANCE_KEYS"]
