@@ -5,3 +5,4 @@ from datasets.registry import build_dataset, dataset_defaults, dataset_names, re
 from datasets import synthetic  # noqa: F401,E402
 
 __all__ = ["build_dataset", "dataset_defaults", "dataset_names", "register_dataset"]
+from datasets import coco, folder, sartorius  # noqa: F401,E402

@@ -3,11 +3,89 @@
 Datasets hand over the image as a numpy array (H×W or H×W×C, uint8/uint16/float) and the
 target as tensors; ``ToFloatImage`` (always first in a preset) turns the image into a float32
 ``3×H×W`` tensor in [0, 1], so every later transform works on tensors only.
+
+Targets keep the contract of docs/architecture.md through every transform: ``masks`` uint8
+``N×H×W`` matching the image size, ``boxes`` float32 ``N×4`` xyxy (exclusive max edge),
+``labels``/``area``/``iscrowd`` of length ``N``. Flips and rotations move boxes exactly;
+crops and resizes recompute boxes and areas from the masks and drop instances left empty.
+Randomness comes from torch's global generator only, which the training loader seeds per
+(seed, epoch, index), so augmentation is reproducible and worker-count independent.
 """
 from __future__ import annotations
 
+
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from utils.masks import lazy_zeros
+
+# Target entries with one row per instance; transforms that drop instances index all of them.
+INSTANCE_KEYS = ("boxes", "labels", "masks", "area", "iscrowd")
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * torch.rand(1).item()
+
+
+def _randint(low: int, high: int) -> int:
+    """Uniform integer in ``[low, high]`` (inclusive)."""
+    return int(torch.randint(low, high + 1, (1,)).item())
+
+
+def select_instances(target: dict, keep: torch.Tensor) -> dict:
+    """Copy of ``target`` with only the instances ``keep`` selects (bool ``N`` or int64 indices)."""
+    target = dict(target)
+    for key in INSTANCE_KEYS:
+        if key in target:
+            target[key] = target[key][keep]
+    return target
+
+
+def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
+    """Tight xyxy boxes (float32 ``N×4``, exclusive max edge) of uint8/bool masks ``N×H×W``;
+    all-zero rows for empty masks."""
+    n, h, w = masks.shape
+    if n == 0:
+        return torch.zeros((0, 4), dtype=torch.float32)
+    rows = masks.any(dim=2).bool()                # N×H (any() keeps uint8 for uint8 input)
+    cols = masks.any(dim=1).bool()                # N×W
+    y0 = rows.to(torch.uint8).argmax(dim=1)
+    y1 = h - rows.flip(1).to(torch.uint8).argmax(dim=1)
+    x0 = cols.to(torch.uint8).argmax(dim=1)
+    x1 = w - cols.flip(1).to(torch.uint8).argmax(dim=1)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).to(torch.float32)
+    boxes[~rows.any(dim=1)] = 0
+    return boxes
+
+
+# Dense cell images carry hundreds of full-size masks (790 × 520 × 704 uint8 = 290 MB), so the
+# geometric transforms below work per instance inside its box and write into a lazily zeroed
+# array: pages no instance touches are never materialised, and no full-stack copy is made.
+# They assume every mask lies inside its box grown by BOX_MARGIN pixels — true for the boxes
+# the loaders here produce (tight from masks, or COCO boxes of rasterised polygons).
+BOX_MARGIN = 1
+
+
+def integer_boxes(boxes: torch.Tensor, h: int, w: int, margin: int = BOX_MARGIN) -> np.ndarray:
+    """float xyxy boxes → int64 ``N×4`` pixel ranges grown by ``margin`` and clipped to the image."""
+    b = boxes.detach().cpu().numpy().astype(np.float64).reshape(-1, 4)
+    out = np.empty(b.shape, dtype=np.int64)
+    out[:, 0] = np.clip(np.floor(b[:, 0]) - margin, 0, w)
+    out[:, 1] = np.clip(np.floor(b[:, 1]) - margin, 0, h)
+    out[:, 2] = np.clip(np.ceil(b[:, 2]) + margin, 0, w)
+    out[:, 3] = np.clip(np.ceil(b[:, 3]) + margin, 0, h)
+    return out
+
+
+def _region_box(region: np.ndarray, top: int, left: int) -> tuple[list[float], int]:
+    """Tight xyxy box of a binary ``region`` placed at (top, left), and its pixel count."""
+    rows = np.flatnonzero(region.any(axis=1))
+    if len(rows) == 0:
+        return [0.0, 0.0, 0.0, 0.0], 0
+    cols = np.flatnonzero(region.any(axis=0))
+    box = [left + cols[0], top + rows[0], left + cols[-1] + 1, top + rows[-1] + 1]
+    return [float(v) for v in box], int(np.count_nonzero(region))
 
 
 class Compose:
@@ -26,8 +104,16 @@ class Compose:
 class ToFloatImage:
     """numpy/tensor image → float32 ``3×H×W`` in [0, 1]; grayscale repeated to 3 channels.
 
-    uint8 is divided by 255, uint16 by 65535; float input is assumed to be in [0, 1] already.
+    uint8 is divided by 255. uint16 is divided by 65535 (``uint16="full"``) or, with
+    ``uint16="percentile"``, mapped per image from its 0.5th..99.5th percentile to [0, 1] —
+    microscopy cameras often fill only 12 of the 16 bits, which "full" leaves near black.
+    float input is assumed to be in [0, 1] already.
     """
+
+    def __init__(self, uint16: str = "full"):
+        if uint16 not in ("full", "percentile"):
+            raise ValueError(f"uint16 must be 'full' or 'percentile', got {uint16!r}")
+        self.uint16 = uint16
 
     def __call__(self, image, target):
         if isinstance(image, torch.Tensor):
@@ -37,7 +123,7 @@ class ToFloatImage:
         if array.dtype == np.uint8:
             out = torch.from_numpy(array.astype(np.float32) / 255.0)
         elif array.dtype == np.uint16:
-            out = torch.from_numpy(array.astype(np.float32) / 65535.0)
+            out = torch.from_numpy(self._scale_uint16(array))
         else:
             out = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
         if out.ndim == 2:
@@ -49,6 +135,27 @@ class ToFloatImage:
             elif out.shape[0] == 4:  # RGBA: drop alpha
                 out = out[:3]
         return out.contiguous(), target
+
+    def _scale_uint16(self, array: np.ndarray) -> np.ndarray:
+        if self.uint16 == "full":
+            return array.astype(np.float32) / 65535.0
+        low, high = np.percentile(array, (0.5, 99.5))
+        if high <= low:
+            high = low + 1.0
+        return np.clip((array.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+
+
+def _flip_masks(masks: torch.Tensor, boxes: torch.Tensor, axis: int) -> torch.Tensor:
+    """Flip masks ``N×H×W`` along ``axis`` (1: vertical, 2: horizontal), instance by instance."""
+    n, h, w = masks.shape
+    src = masks.numpy()
+    dst = lazy_zeros(n, h, w)
+    for k, (x0, y0, x1, y1) in enumerate(integer_boxes(boxes, h, w)):
+        if axis == 2:
+            dst[k, y0:y1, w - x1:w - x0] = src[k, y0:y1, x0:x1][:, ::-1]
+        else:
+            dst[k, h - y1:h - y0, x0:x1] = src[k, y0:y1, x0:x1][::-1]
+    return torch.from_numpy(dst)
 
 
 class RandomHorizontalFlip:
@@ -62,6 +169,152 @@ class RandomHorizontalFlip:
             target = dict(target)
             boxes = target["boxes"].clone()
             boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+            target["masks"] = _flip_masks(target["masks"], target["boxes"], axis=2)
             target["boxes"] = boxes
-            target["masks"] = target["masks"].flip(-1)
         return image, target
+
+
+class RandomVerticalFlip:
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, image, target):
+        if torch.rand(1).item() < self.p:
+            image = image.flip(-2)
+            height = image.shape[-2]
+            target = dict(target)
+            boxes = target["boxes"].clone()
+            boxes[:, [1, 3]] = height - target["boxes"][:, [3, 1]]
+            target["masks"] = _flip_masks(target["masks"], target["boxes"], axis=1)
+            target["boxes"] = boxes
+        return image, target
+
+
+class RandomRot90:
+    """Rotate by ``k × 90°`` counter-clockwise, ``k`` uniform in 0..3 (H and W swap for odd k)."""
+
+    def __call__(self, image, target):
+        k = _randint(0, 3)
+        if k == 0:
+            return image, target
+        boxes = target["boxes"].clone()
+        height, width = image.shape[-2:]
+        for _ in range(k):
+            # One CCW turn maps pixel (y, x) to (W-1-x, y): box (x0,y0,x1,y1) → (y0, W-x1, y1, W-x0).
+            x0, y0, x1, y1 = boxes.unbind(1)
+            boxes = torch.stack([y0, width - x1, y1, width - x0], dim=1)
+            height, width = width, height
+        masks = target["masks"]
+        n, h, w = masks.shape
+        src = masks.numpy()
+        dst = lazy_zeros(n, height, width)
+        for j, region_box in enumerate(integer_boxes(target["boxes"], h, w)):
+            rx0, ry0, rx1, ry1 = region_box.tolist()
+            ch, cw = h, w
+            for _ in range(k):   # the integer region moves like the box
+                rx0, ry0, rx1, ry1 = ry0, cw - rx1, ry1, cw - rx0
+                ch, cw = cw, ch
+            x0, y0, x1, y1 = region_box.tolist()
+            dst[j, ry0:ry1, rx0:rx1] = np.rot90(src[j, y0:y1, x0:x1], k)
+        target = dict(target)
+        target["boxes"] = boxes
+        target["masks"] = torch.from_numpy(dst)
+        return torch.rot90(image, k, dims=(-2, -1)).contiguous(), target
+
+
+class RandomScaleCrop:
+    """Random scale, then a random crop of at most ``output_size``, optionally padded to it.
+
+    ``scale`` is drawn from ``scale_range``; with ``relative_to="native"`` it multiplies the
+    image's own size (cell data: native resolution ± jitter), with ``"output"`` it multiplies
+    the factor that fits the image into ``output_size`` (large-scale jitter, as in
+    torchvision's ScaleJitter + FixedSizeCrop). The crop window is chosen first and only that
+    window is resized, so dense images never materialise upscaled full-size mask stacks.
+    Instances partly inside the window are kept with their visible part; boxes and areas are
+    recomputed from the masks and instances left empty are dropped. Masks are resampled
+    nearest-exact, one instance box at a time.
+    """
+
+    def __init__(self, output_size, scale_range=(0.75, 1.5), relative_to: str = "native", pad: bool = False):
+        self.output_size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+        self.scale_range = tuple(scale_range)
+        if relative_to not in ("native", "output"):
+            raise ValueError(f"relative_to must be 'native' or 'output', got {relative_to!r}")
+        self.relative_to = relative_to
+        self.pad = pad
+
+    def __call__(self, image, target):
+        h, w = image.shape[-2:]
+        out_h, out_w = self.output_size
+        r = _uniform(*self.scale_range)
+        if self.relative_to == "output":
+            r *= min(out_h / h, out_w / w)
+        scaled_h, scaled_w = max(1, round(h * r)), max(1, round(w * r))
+        crop_h, crop_w = min(out_h, scaled_h), min(out_w, scaled_w)
+        top, left = _randint(0, scaled_h - crop_h), _randint(0, scaled_w - crop_w)
+        # Window in original pixels; rounding may shift the effective scale by < 1 pixel.
+        y0, x0 = min(int(top / r), h - 1), min(int(left / r), w - 1)
+        y1, x1 = min(h, max(y0 + 1, round((top + crop_h) / r))), min(w, max(x0 + 1, round((left + crop_w) / r)))
+
+        image = image[:, y0:y1, x0:x1]
+        if (y1 - y0, x1 - x0) != (crop_h, crop_w):
+            image = F.interpolate(image[None], size=(crop_h, crop_w), mode="bilinear", align_corners=False,
+                                  antialias=r < 1)[0].clamp_(0, 1)
+        # Source pixel of each output row/column: nearest-exact, the same pixel-centre
+        # convention as the bilinear image resize above.
+        ys = y0 + np.minimum(((np.arange(crop_h) + 0.5) * (y1 - y0) / crop_h).astype(np.int64), y1 - y0 - 1)
+        xs = x0 + np.minimum(((np.arange(crop_w) + 0.5) * (x1 - x0) / crop_w).astype(np.int64), x1 - x0 - 1)
+        masks = target["masks"].numpy()
+        kept, regions, boxes, areas = [], [], [], []
+        for k, (bx0, by0, bx1, by1) in enumerate(integer_boxes(target["boxes"], h, w)):
+            oy0, oy1 = np.searchsorted(ys, [by0, by1])
+            ox0, ox1 = np.searchsorted(xs, [bx0, bx1])
+            if oy1 <= oy0 or ox1 <= ox0:
+                continue
+            region = masks[k][np.ix_(ys[oy0:oy1], xs[ox0:ox1])]
+            box, area = _region_box(region, int(oy0), int(ox0))
+            if area:
+                kept.append(k)
+                regions.append((region, oy0, oy1, ox0, ox1))
+                boxes.append(box)
+                areas.append(area)
+        out_h, out_w = (out_h, out_w) if self.pad else (crop_h, crop_w)
+        if self.pad and (crop_h, crop_w) != (out_h, out_w):
+            image = F.pad(image, (0, out_w - crop_w, 0, out_h - crop_h))
+        dst = lazy_zeros(len(kept), out_h, out_w)
+        for j, (region, oy0, oy1, ox0, ox1) in enumerate(regions):
+            dst[j, oy0:oy1, ox0:ox1] = region
+        target = select_instances({key: v for key, v in target.items() if key != "masks"},
+                                  torch.as_tensor(kept, dtype=torch.int64))
+        target["masks"] = torch.from_numpy(dst)
+        target["boxes"] = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        target["area"] = torch.tensor(areas, dtype=torch.float32)
+        return image.contiguous(), target
+
+
+class ColorJitter:
+    """Photometric jitter of a float image in [0, 1]: gamma, then contrast, then brightness.
+
+    gamma ``g`` ∈ [1-gamma, 1+gamma] (``x^g``); contrast ``c`` ∈ [1-contrast, 1+contrast]
+    around the image mean; brightness adds ``b`` ∈ [-brightness, brightness]. Applied with
+    probability ``p``; the result is clamped to [0, 1]. Geometry and targets are untouched.
+    """
+
+    def __init__(self, brightness: float = 0.1, contrast: float = 0.2, gamma: float = 0.2, p: float = 0.8):
+        self.brightness, self.contrast, self.gamma, self.p = brightness, contrast, gamma, p
+
+    def __call__(self, image, target):
+        if torch.rand(1).item() >= self.p:
+            return image, target
+        g = _uniform(1 - self.gamma, 1 + self.gamma)
+        c = _uniform(1 - self.contrast, 1 + self.contrast)
+        b = _uniform(-self.brightness, self.brightness)
+        image = image.clamp(0, 1).pow(g)
+        mean = image.mean()
+        image = ((image - mean) * c + mean + b).clamp_(0, 1)
+        return image, target
+
+
+__all__ = ["BOX_MARGIN", "Compose", "ToFloatImage", "RandomHorizontalFlip", "RandomVerticalFlip", "RandomRot90",
+           "RandomScaleCrop", "ColorJitter", "boxes_from_masks", "select_instances",
+           "INSTANCE_KEYS"]

@@ -152,3 +152,158 @@ def fortran_indices_to_rle(indices: np.ndarray, height: int, width: int) -> dict
     rle = mask_utils.frPyObjects({"counts": counts, "size": [height, width]}, height, width)
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
+
+
+# ---------------------------------------------------------------------------------------------
+# Kaggle "start length" RLE (Sartorius, DSB-2018): pairs of (1-indexed start, run length) over
+# the image flattened row-major (C order). The Sartorius page's prose says column-major; the
+# data is row-major (consecutive starts in one cell differ by the image width).
+# ---------------------------------------------------------------------------------------------
+
+def parse_kaggle_rle(rle: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``"s1 l1 s2 l2 ..."`` → (starts 0-indexed, lengths), both int64 ``K``, validated.
+
+    Raises ``ValueError`` saying what is wrong: non-integer tokens, an odd number of tokens,
+    no runs, starts < 1, lengths < 1, runs not sorted or overlapping, runs past ``height*width``.
+    """
+    tokens = rle.split()
+    if not tokens:
+        raise ValueError("empty RLE")
+    if len(tokens) % 2:
+        raise ValueError(f"odd number of RLE tokens ({len(tokens)}); expected start/length pairs")
+    try:
+        values = np.array(tokens, dtype=np.int64)
+    except ValueError:
+        bad = next(t for t in tokens if not t.lstrip("-").isdigit())
+        raise ValueError(f"non-integer RLE token {bad[:20]!r}") from None
+    starts, lengths = values[0::2] - 1, values[1::2]
+    if starts.min() < 0:
+        raise ValueError("RLE start < 1 (starts are 1-indexed)")
+    if lengths.min() < 1:
+        raise ValueError("RLE run length < 1")
+    ends = starts + lengths
+    if len(starts) > 1 and (starts[1:] < ends[:-1]).any():
+        k = int(np.flatnonzero(starts[1:] < ends[:-1])[0])
+        raise ValueError(f"RLE runs unsorted or overlapping at pair {k + 2} (start {starts[k + 1] + 1} "
+                         f"< end of previous run {ends[k]})")
+    if ends[-1] > height * width:
+        raise ValueError(f"RLE run ends at pixel {int(ends[-1])} > {height}×{width} = {height * width}")
+    return starts, lengths
+
+
+def fill_kaggle_runs(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, value: int = 1) -> None:
+    """Set the runs of one mask in a row-major flattened ``H*W`` array (in place)."""
+    for s, n in zip(starts.tolist(), lengths.tolist()):
+        flat[s:s + n] = value
+
+
+def decode_kaggle_rle(rle: str, height: int, width: int) -> np.ndarray:
+    """Kaggle RLE string → binary mask ``H×W`` uint8 (validated, see ``parse_kaggle_rle``)."""
+    starts, lengths = parse_kaggle_rle(rle, height, width)
+    flat = np.zeros(height * width, dtype=np.uint8)
+    fill_kaggle_runs(flat, starts, lengths)
+    return flat.reshape(height, width)
+
+
+def encode_kaggle_rle(mask: np.ndarray) -> str:
+    """Binary mask ``H×W`` → Kaggle RLE string (1-indexed starts, row-major); ``""`` when empty."""
+    flat = np.concatenate([[0], np.asarray(mask).reshape(-1) != 0, [0]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(flat))        # alternating run starts and run ends (0-indexed)
+    starts, ends = edges[0::2], edges[1::2]
+    pairs = np.stack([starts + 1, ends - starts], axis=1).reshape(-1)
+    return " ".join(map(str, pairs.tolist()))
+
+
+def kaggle_runs_box(starts: np.ndarray, lengths: np.ndarray, width: int) -> tuple[int, int, int, int]:
+    """Tight xyxy box (exclusive max edge) of a mask given as row-major runs, without decoding.
+
+    A run may wrap past the end of a row; such a run covers the full width of the rows between.
+    """
+    last = starts + lengths - 1
+    y0, y1 = int(starts[0] // width), int(last[-1] // width)
+    start_cols, last_cols = starts % width, last % width
+    wraps = (last // width) != (starts // width)
+    if wraps.any():
+        x0, x1 = 0, width
+    else:
+        x0, x1 = int(start_cols.min()), int(last_cols.max()) + 1
+    return x0, y0, x1, y1 + 1
+
+
+def kaggle_rle_to_coco_rle(starts: np.ndarray, lengths: np.ndarray, height: int, width: int) -> dict:
+    """Row-major runs → compressed COCO RLE (column-major) with str counts, decoding only the box.
+
+    The mask is rasterised inside its bounding box, transposed, and the column-major run
+    lengths are computed over the band of full-height columns the box spans, so the cost is
+    proportional to ``box width × H`` rather than ``H × W``.
+    """
+    x0, y0, x1, y1 = kaggle_runs_box(starts, lengths, width)
+    crop = np.zeros((y1 - y0, width), dtype=np.uint8)
+    fill_kaggle_runs(crop.reshape(-1), starts - y0 * width, lengths)
+    band = np.zeros((x1 - x0, height), dtype=np.uint8)   # columns x0..x1-1, each full height
+    band[:, y0:y1] = crop[:, x0:x1].T
+    flat = np.concatenate([[0], band.reshape(-1), [0]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(flat)) + x0 * height  # positions in the column-major image
+    bounds = np.concatenate([[0], edges, [height * width]])
+    counts = np.diff(bounds).tolist()                    # zeros, ones, zeros, ...
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def fill_holes(masks: np.ndarray, boxes: np.ndarray | None = None) -> np.ndarray:
+    """Fill enclosed holes of each binary mask ``N×H×W`` uint8 (in place; also returned).
+
+    A hole is a background region (4-connected) that does not reach the mask's bounding box
+    border. Works on each box plus a 1-pixel border, so dense images stay cheap; pass tight
+    xyxy ``boxes`` (``N×4``) when known to skip computing them from the masks.
+    """
+    import cv2
+    if boxes is None:
+        boxes = masks_to_boxes(masks)
+    boxes = np.asarray(boxes).astype(np.int64)
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes):
+        if x1 - x0 < 3 or y1 - y0 < 3:
+            continue  # too small to enclose anything
+        padded = np.zeros((y1 - y0 + 2, x1 - x0 + 2), dtype=np.uint8)
+        padded[1:-1, 1:-1] = mask[y0:y1, x0:x1]
+        cv2.floodFill(padded, None, (0, 0), 1)   # everything reachable from outside becomes 1
+        mask[y0:y1, x0:x1][padded[1:-1, 1:-1] == 0] = 1
+    return masks
+
+
+def label_image_to_instances(label_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Label image ``H×W`` (0 background, any other value one instance; any int dtype) →
+    (masks ``N×H×W`` uint8, values ``N`` of the label image), ordered by label value.
+
+    Each mask is filled inside its bounding box only (``scipy.ndimage.find_objects``).
+    """
+    from scipy.ndimage import find_objects
+    if label_image.ndim != 2:
+        raise ValueError(f"label image must be 2-D, got shape {label_image.shape}")
+    values = np.unique(label_image)
+    values = values[values != 0]
+    masks = lazy_zeros(len(values), *label_image.shape)
+    if len(values) == 0:
+        return masks, values
+    # Relabel to 1..N so find_objects' output is as long as N, not max(label).
+    dense = np.searchsorted(values, label_image).astype(np.int32) + 1
+    dense[label_image == 0] = 0
+    for k, slices in enumerate(find_objects(dense)):
+        if slices is not None:
+            masks[k][slices] = dense[slices] == k + 1
+    return masks, values
+
+
+def lazy_zeros(n: int, height: int, width: int) -> np.ndarray:
+    """uint8 zeros ``n×height×width`` whose memory the OS provides only where written.
+
+    Backed by an anonymous mmap rather than ``np.zeros``: numpy advises huge pages for large
+    arrays, so writing a few rows of each of 790 masks would materialise (and zero) the whole
+    290 MB stack in 2 MB pages; with 4 KB pages only the touched rows cost memory.
+    """
+    import mmap
+    size = n * height * width
+    if size == 0:
+        return np.zeros((n, height, width), dtype=np.uint8)
+    return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8).reshape(n, height, width)

@@ -1,0 +1,214 @@
+"""Images with instance masks in folders (cellpose/stardist and DSB-2018/MoNuSeg layouts).
+
+Two layouts under ``data_path``, detected automatically:
+  label images    ``images/NAME.(png|tif|tiff|jpg)`` + ``masks/NAME.(png|tif|tiff)`` (or
+                  ``masks/NAME_masks.*``, cellpose's naming): 0 is background, every other value
+                  one instance; 8-, 16- or 32-bit.
+  one file each   ``ID/images/ID.png`` + ``ID/masks/*.png``: one binary mask per instance
+                  (DSB-2018, MoNuSeg exports); any non-zero pixel belongs to the instance.
+All instances get one class (``class_name``).
+
+Option keys (``build_dataset("folder", split, options)``):
+  data_path     root folder (required)
+  val_path      a second root (either layout) used as the val split; "train" then uses all
+                of data_path
+  val_fraction  without val_path: fraction of data_path's images held out as "val"; default 0.2
+  split_seed    seed of that random hold-out; default 0
+  class_name    name of the single class; default "cell"
+  skip_bad      skip and count images whose files are missing/unreadable; default False
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from datasets.errors import BadInputLog, DatasetError, as_bool
+from datasets.imageio import IMAGE_EXTENSIONS, read_image, read_image_size, read_label_image
+from datasets.registry import register_dataset
+from datasets.splits import random_split
+from datasets.targets import make_target
+from utils.masks import encode_coco_rle, label_image_to_instances, masks_to_boxes
+
+MASK_SUFFIXES = ("", "_masks", "_mask", "_label", "_labels")
+MASK_EXTENSIONS = (".png", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class FolderItem:
+    name: str                 # image stem (label layout) or sample ID (one-file-each layout)
+    image_path: str
+    mask_paths: tuple[str, ...]
+    label_image: bool         # True: one label image; False: one binary file per instance
+    size: tuple[int, int]     # (height, width) from the image header
+    root: str = ""            # the folder scanned; COCO file names are relative to it
+
+
+def _files_with_ext(folder: str, extensions) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1].lower() in extensions
+                  and not f.startswith("."))
+
+
+def scan_folder(root: str, skip_bad: bool = False, log: BadInputLog | None = None) -> list[FolderItem]:
+    """Index ``root`` (either layout) → items sorted by name; checks files exist and headers read."""
+    log = log if log is not None else BadInputLog()
+    if not os.path.isdir(root):
+        raise DatasetError(f"{root}: not a folder")
+    items: list[FolderItem] = []
+    image_dir, mask_dir = os.path.join(root, "images"), os.path.join(root, "masks")
+    if os.path.isdir(image_dir) and os.path.isdir(mask_dir):
+        masks_by_stem = {os.path.splitext(f)[0]: os.path.join(mask_dir, f)
+                         for f in _files_with_ext(mask_dir, MASK_EXTENSIONS)}
+        for f in _files_with_ext(image_dir, IMAGE_EXTENSIONS):
+            stem = os.path.splitext(f)[0]
+            mask = next((masks_by_stem[stem + s] for s in MASK_SUFFIXES if stem + s in masks_by_stem), None)
+            path = os.path.join(image_dir, f)
+            if mask is None:
+                log.skip(path, f"no label image masks/{stem}.(png|tif) for it", skip_bad)
+                continue
+            _add(items, log, skip_bad, stem, path, (mask,), True)
+    else:
+        for sample in sorted(os.listdir(root)):
+            sample_dir = os.path.join(root, sample)
+            if not os.path.isdir(os.path.join(sample_dir, "images")):
+                continue
+            images = _files_with_ext(os.path.join(sample_dir, "images"), IMAGE_EXTENSIONS)
+            if len(images) != 1:
+                log.skip(os.path.join(sample_dir, "images"), f"expected one image, found {len(images)}", skip_bad)
+                continue
+            masks_dir = os.path.join(sample_dir, "masks")
+            masks = (tuple(os.path.join(masks_dir, f) for f in _files_with_ext(masks_dir, MASK_EXTENSIONS))
+                     if os.path.isdir(masks_dir) else ())
+            _add(items, log, skip_bad, sample, os.path.join(sample_dir, "images", images[0]), masks, False)
+    if not items and not log.skipped:
+        raise DatasetError(f"{root}: found neither images/ + masks/ nor ID/images/ID.png + ID/masks/*.png")
+    return items
+
+
+def _add(items, log, skip_bad, name, image_path, mask_paths, label_image) -> None:
+    try:
+        size = read_image_size(image_path)
+    except DatasetError as e:
+        log.skip_error(e, skip_bad)
+        return
+    root = os.path.dirname(os.path.dirname(image_path))
+    if not label_image:
+        root = os.path.dirname(root)
+    items.append(FolderItem(name, image_path, tuple(mask_paths), label_image, size, root))
+
+
+def load_instances(item: FolderItem) -> np.ndarray:
+    """Instance masks ``N×H×W`` uint8 of ``item`` (empty ones removed), checked against its size."""
+    if item.label_image:
+        label = read_label_image(item.mask_paths[0])
+        _check_size(item, item.mask_paths[0], label.shape)
+        masks, _ = label_image_to_instances(label)
+        return masks
+    h, w = item.size
+    masks = np.zeros((len(item.mask_paths), h, w), dtype=np.uint8)
+    for k, path in enumerate(item.mask_paths):
+        m = read_label_image(path)
+        _check_size(item, path, m.shape)
+        masks[k] = m != 0
+    nonempty = masks.reshape(len(masks), -1).any(1) if len(masks) else np.zeros(0, dtype=bool)
+    return masks[nonempty] if not nonempty.all() else masks
+
+
+def _check_size(item: FolderItem, path: str, shape) -> None:
+    if tuple(shape[:2]) != item.size:
+        raise DatasetError(f"{path}: mask is {shape[0]}×{shape[1]}, image {item.image_path} is "
+                           f"{item.size[0]}×{item.size[1]}")
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """A list of ``FolderItem``; samples follow docs/architecture.md (labels all 1)."""
+
+    def __init__(self, items: list[FolderItem], transforms=None, class_name: str = "cell",
+                 log: BadInputLog | None = None):
+        self.items = list(items)
+        self.transforms = transforms
+        self.class_names = [class_name]
+        self.image_ids = list(range(1, len(self.items) + 1))
+        self.names = [it.name for it in self.items]
+        self.log = log or BadInputLog()
+        self._coco_gt: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get_image_size(self, i: int) -> tuple[int, int]:
+        return self.items[i].size
+
+    def image_path(self, i: int) -> str:
+        return self.items[i].image_path
+
+    def load(self, i: int) -> tuple[np.ndarray, dict]:
+        item = self.items[i]
+        image = read_image(item.image_path, expected_size=item.size)
+        masks = load_instances(item)
+        return image, make_target(masks, np.ones(len(masks), dtype=np.int64), masks_to_boxes(masks),
+                                  self.image_ids[i])
+
+    def __getitem__(self, i: int):
+        image, target = self.load(i)
+        if self.transforms is not None:
+            try:
+                image, target = self.transforms(image, target)
+            except DatasetError:
+                raise
+            except Exception as e:
+                raise DatasetError(f"{self.image_path(i)}: transform failed: {type(e).__name__}: {e}") from e
+        return image, target
+
+    def coco_gt(self) -> dict:
+        """COCO ground truth (compressed RLE). The annotations here are mask files, so this
+        reads them — but not the images. Cached."""
+        if self._coco_gt is None:
+            images, annotations = [], []
+            for i, item in enumerate(self.items):
+                h, w = item.size
+                images.append({"id": self.image_ids[i], "file_name": os.path.relpath(item.image_path, item.root),
+                               "height": h, "width": w})
+                masks = load_instances(item)
+                for rle, box, mask in zip(encode_coco_rle(masks), masks_to_boxes(masks), masks):
+                    x0, y0, x1, y1 = box.tolist()
+                    annotations.append({"id": len(annotations) + 1, "image_id": self.image_ids[i],
+                                        "category_id": 1, "segmentation": rle, "area": float(mask.sum()),
+                                        "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0})
+            self._coco_gt = {"images": images, "annotations": annotations,
+                             "categories": [{"id": 1, "name": self.class_names[0]}]}
+        return self._coco_gt
+
+
+# Cell images of unknown size: small anchors, caps for dense images; sizes stay torchvision's.
+FOLDER_DEFAULTS = {
+    "anchor_sizes": (8, 16, 32, 64, 128),
+    "detections_per_img": 1000,
+    "rpn_pre_nms_top_n_train": 4000, "rpn_post_nms_top_n_train": 2000,
+    "rpn_pre_nms_top_n_test": 4000, "rpn_post_nms_top_n_test": 3000,
+}
+
+
+@register_dataset("folder", defaults=FOLDER_DEFAULTS)
+def build_folder(split: str, options: dict, transforms=None) -> FolderDataset:
+    root = options.get("data_path")
+    if not root:
+        raise DatasetError("folder: data_path (--data-path) is required")
+    skip_bad = as_bool(options.get("skip_bad"), False)
+    class_name = options.get("class_name") or "cell"
+    log = BadInputLog()
+    val_path = options.get("val_path")
+    if val_path:
+        items = scan_folder(val_path if split == "val" else root, skip_bad, log)
+    else:
+        items = scan_folder(root, skip_bad, log)
+        fraction = float(options.get("val_fraction") if options.get("val_fraction") is not None else 0.2)
+        is_val = random_split(len(items), fraction, int(options.get("split_seed") or 0))
+        if split == "val" and not is_val.any():
+            raise DatasetError(f"folder: no val images (val_fraction={fraction}, {len(items)} images); "
+                               "set val_fraction > 0 or val_path")
+        items = [it for it, v in zip(items, is_val) if v == (split == "val")]
+    return FolderDataset(items, transforms, class_name, log)

@@ -1,0 +1,29 @@
+"""Building the target dict of the sample contract from masks, boxes and labels."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def make_target(masks: np.ndarray, labels: np.ndarray, boxes: np.ndarray, image_id: int,
+                area: np.ndarray | None = None, iscrowd: np.ndarray | None = None) -> dict:
+    """Target dict: ``boxes`` float32 N×4 xyxy, ``labels`` int64 N, ``masks`` uint8 N×H×W,
+    ``image_id`` int, ``area`` float32 N (mask pixels unless given), ``iscrowd`` int64 N."""
+    n = len(labels)
+    if area is None:
+        area = masks.reshape(n, -1).sum(1) if n else np.zeros(0)
+    return {
+        "boxes": torch.from_numpy(np.asarray(boxes, dtype=np.float32).reshape(n, 4)),
+        "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64).reshape(n)),
+        "masks": torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8)),
+        "image_id": int(image_id),
+        "area": torch.from_numpy(np.asarray(area, dtype=np.float32).reshape(n)),
+        "iscrowd": torch.from_numpy(np.zeros(n, dtype=np.int64) if iscrowd is None
+                                    else np.asarray(iscrowd, dtype=np.int64).reshape(n)),
+    }
+
+
+def valid_boxes(boxes: np.ndarray, min_size: float = 1.0) -> np.ndarray:
+    """Bool ``N``: boxes (xyxy) at least ``min_size`` wide and high — torchvision rejects the rest."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    return ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)

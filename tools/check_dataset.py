@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Load a dataset once and report, per file or CSV row, what is wrong; exit 1 on errors.
+
+    python tools/check_dataset.py --dataset sartorius --data-path /data/sartorius
+    python tools/check_dataset.py --dataset coco --train-ann livecell_train.json --train-images images/
+    python tools/check_dataset.py --dataset folder --data-path /data/cells --val-path /data/cells_val
+
+Errors: unreadable/missing image, size mismatch, malformed CSV row, RLE out of range or
+unsorted, unknown category, empty mask. Warnings: duplicates, degenerate boxes, empty mask
+files, images without instances (``--strict`` makes warnings fail too).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from datasets.checks import CHECKS  # noqa: E402
+from datasets.errors import DatasetError  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=sorted(CHECKS))
+    p.add_argument("--data-path")
+    for key in ("train-ann", "val-ann", "train-images", "val-images", "train-csv", "image-dir", "val-path",
+                "class-name"):
+        p.add_argument(f"--{key}")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other dataset option key (repeatable)")
+    p.add_argument("--max-problems", type=int, default=200, help="problems printed (all are counted)")
+    p.add_argument("--strict", action="store_true", help="exit non-zero on warnings too")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> dict:
+    options = {k: v for k, v in vars(args).items()
+               if v is not None and k not in ("dataset", "option", "max_problems", "strict")}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--option expects KEY=VALUE, got {item!r}")
+        options[key] = value
+    return options
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        report = CHECKS[args.dataset](options_from_args(args))
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for severity, where, what in report.problems[:args.max_problems]:
+        print(f"{severity}: {where}: {what}")
+    if len(report.problems) > args.max_problems:
+        print(f"... {len(report.problems) - args.max_problems} more problems not shown")
+    print("\n".join(report.summary_lines()))
+    failed = report.num_errors or (args.strict and report.num_warnings)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
