@@ -248,8 +248,9 @@ def main(args: argparse.Namespace) -> int:
                                     args.amp, args.tta, args.mask_thresh)
         for (name, image), instances in zip(batch, predictions):
             height, width = instances.image_size
-            image_results = instances.to_coco_results(name)
-            results += image_results
+            if "json" in formats or postprocess is not None:
+                image_results = instances.to_coco_results(name)
+                results += image_results
             if postprocess is not None:
                 final = Instances.from_coco_results(postprocess(image_results, height, width), height, width)
             else:
