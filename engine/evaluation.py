@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from engine import distributed
+from engine.inference import detect
 from metrics import evaluate_predictions
 from utils.masks import detections_to_coco_results
 
@@ -35,9 +36,9 @@ def predict_loader(model: torch.nn.Module, loader, device: torch.device, amp: bo
     for step, (images, targets) in enumerate(loader):
         images = [img.to(device, non_blocking=True) for img in images]
         with autocast_context(device, amp):
-            outputs = model(images)
+            # Stops before torchvision's full-canvas paste; masks are pasted box by box below.
+            outputs = detect(model, images)
         for target, output in zip(targets, outputs):
-            output = {k: v.float() if v.is_floating_point() else v for k, v in output.items()}
             per_image[target["image_id"]] = detections_to_coco_results(output, target["image_id"])
         if print_freq and (step + 1) % print_freq == 0:
             log.info("eval: %d/%d batches, %.2f s/batch", step + 1, len(loader),

@@ -1,0 +1,156 @@
+"""Box-region mask pasting and the mask forms derived from it, checked against torchvision
+and pycocotools on random detections and random masks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.ops import clip_boxes_to_image
+
+from utils.masks import (BoxMasks, box_masks_to_coco_rle, box_masks_to_kaggle_rles, box_masks_to_label_image,
+                         coco_rle_to_box_masks, decode_coco_rle, decode_kaggle_rle, detections_to_coco_results,
+                         encode_coco_rle, encode_kaggle_rle, label_image_to_box_masks, paste_masks_in_boxes,
+                         remove_overlaps)
+
+
+def random_detections(n: int, height: int, width: int, seed: int, max_size: float = 60.0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([width + 20.0, height + 20.0]) - 10
+    wh = torch.rand(n, 2, generator=g) * max_size
+    wh[: n // 10] = 0.0                                         # some degenerate boxes
+    boxes = clip_boxes_to_image(torch.cat([xy, xy + wh], 1), (height, width))
+    probs = torch.rand(n, 1, 28, 28, generator=g)
+    return boxes, probs
+
+
+def torchvision_binary(probs, boxes, height, width) -> np.ndarray:
+    return (paste_masks_in_image(probs, boxes, (height, width))[:, 0] > 0.5).to(torch.uint8).numpy()
+
+
+@pytest.mark.parametrize("seed,size", [(0, (120, 150)), (1, (64, 64)), (2, (33, 257))])
+def test_box_paste_is_identical_to_torchvision(seed, size):
+    height, width = size
+    boxes, probs = random_detections(200, height, width, seed)
+    ref = torchvision_binary(probs, boxes, height, width)
+    masks = paste_masks_in_boxes(probs, boxes, height, width)
+    dense = masks.to_dense()
+    assert dense.shape == ref.shape
+    # Same interpolation → identical pixels; and the per-instance IoU bound of the contract.
+    assert np.array_equal(dense, ref)
+    inter = (dense & ref).reshape(len(ref), -1).sum(1)
+    union = (dense | ref).reshape(len(ref), -1).sum(1)
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    assert iou.min() >= 0.99
+    # Crops stay inside the image and never exceed the box region torchvision fills.
+    for crop, (y0, x0) in zip(masks.crops, masks.offsets):
+        assert 0 <= y0 and y0 + crop.shape[0] <= height and 0 <= x0 and x0 + crop.shape[1] <= width
+
+
+def test_soft_paste_matches_torchvision_probabilities():
+    boxes, probs = random_detections(50, 80, 90, seed=3)
+    ref = paste_masks_in_image(probs, boxes, (80, 90))[:, 0].numpy()
+    soft = paste_masks_in_boxes(probs, boxes, 80, 90, threshold=None)
+    for i, (crop, (y0, x0)) in enumerate(zip(soft.crops, soft.offsets)):
+        h, w = crop.shape
+        assert crop.dtype == np.float32
+        np.testing.assert_array_equal(crop, ref[i, y0:y0 + h, x0:x0 + w])
+        outside = ref[i].copy()
+        outside[y0:y0 + h, x0:x0 + w] = 0
+        assert not outside.any()
+
+
+def test_fast_rle_equals_pycocotools_on_torchvision_masks():
+    boxes, probs = random_detections(300, 100, 130, seed=4)
+    ref = encode_coco_rle(torchvision_binary(probs, boxes, 100, 130))
+    fast = box_masks_to_coco_rle(paste_masks_in_boxes(probs, boxes, 100, 130))
+    assert [r["counts"] for r in fast] == [r["counts"] for r in ref]
+    assert all(r["size"] == [100, 130] for r in fast)
+
+
+@st.composite
+def masks_in_image(draw):
+    height = draw(st.integers(1, 12))
+    width = draw(st.integers(1, 12))
+    n = draw(st.integers(0, 5))
+    return draw(arrays(np.uint8, (n, height, width), elements=st.integers(0, 1)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(masks_in_image())
+def test_box_masks_forms_round_trip(dense):
+    # Small images make runs that wrap from one column (row) into the next: the merge path.
+    boxed = BoxMasks.from_dense(dense)
+    assert np.array_equal(boxed.to_dense(), dense)
+    n, height, width = dense.shape
+    fast = box_masks_to_coco_rle(boxed)
+    assert [r["counts"] for r in fast] == [r["counts"] for r in encode_coco_rle(dense)]
+    assert np.array_equal(decode_coco_rle(fast, height, width), dense)
+    assert np.array_equal(coco_rle_to_box_masks(fast, height, width).to_dense(), dense)
+    kaggle = box_masks_to_kaggle_rles(boxed)
+    assert kaggle == [encode_kaggle_rle(m) for m in dense]
+    for rle, mask in zip(kaggle, dense):
+        assert np.array_equal(decode_kaggle_rle(rle, height, width), mask)
+        values = [int(v) for v in rle.split()]
+        starts, lengths = values[0::2], values[1::2]
+        assert starts == sorted(starts) and all(v > 0 for v in values)
+        # Runs are maximal: a run never ends where the next begins.
+        assert all(s + n < t for s, n, t in zip(starts, lengths, starts[1:]))
+
+
+def test_kaggle_rle_is_row_major_and_one_indexed():
+    mask = np.zeros((3, 4), dtype=np.uint8)
+    mask[0, 1:3] = 1          # flat 1, 2
+    mask[1, 3] = 1            # flat 7, continues into flat 8 (row 2, col 0)
+    mask[2, 0] = 1
+    assert encode_kaggle_rle(mask) == "2 2 8 2"
+    assert np.array_equal(decode_kaggle_rle("2 2 8 2", 3, 4), mask)
+    assert encode_kaggle_rle(np.zeros((3, 4))) == ""
+
+
+@pytest.mark.parametrize("bad", ["1", "0 3", "5 0", "11 5", "a b"])
+def test_decode_kaggle_rle_rejects_malformed(bad):
+    with pytest.raises(ValueError):
+        decode_kaggle_rle(bad, 3, 4)
+
+
+def test_remove_overlaps_gives_pixels_to_higher_score():
+    dense = np.zeros((3, 6, 6), dtype=np.uint8)
+    dense[0, 0:4, 0:4] = 1        # low score
+    dense[1, 2:6, 2:6] = 1        # high score
+    dense[2, 3:5, 3:5] = 1        # fully inside mask 1, lower score: vanishes
+    scores = np.array([0.3, 0.9, 0.5])
+    kept, resolved = remove_overlaps(BoxMasks.from_dense(dense), scores)
+    assert kept.tolist() == [1, 0]
+    out = resolved.to_dense()
+    assert np.array_equal(out[0], dense[1])
+    assert np.array_equal(out[1], dense[0] & ~dense[1])
+    assert out.sum(0).max() == 1
+    labels = box_masks_to_label_image(resolved)
+    assert labels.dtype == np.uint16
+    assert labels[2, 2] == 1 and labels[0, 0] == 2 and labels[5, 0] == 0
+    assert np.array_equal(label_image_to_box_masks(labels).to_dense(), out)
+
+
+def test_label_image_first_mask_wins_without_resolving():
+    dense = np.zeros((2, 4, 4), dtype=np.uint8)
+    dense[0, :2] = 1
+    dense[1, 1:] = 1
+    labels = box_masks_to_label_image(BoxMasks.from_dense(dense))
+    assert labels[1].tolist() == [1, 1, 1, 1] and labels[2].tolist() == [2, 2, 2, 2]
+
+
+def test_detections_to_coco_results_fast_and_canvas_forms_agree():
+    boxes, probs = random_detections(40, 70, 90, seed=5)
+    scores = torch.linspace(1, 0.1, 40)
+    labels = torch.randint(1, 3, (40,))
+    canvas = {"boxes": boxes, "scores": scores, "labels": labels,
+              "masks": paste_masks_in_image(probs, boxes, (70, 90))}
+    fast = {"boxes": boxes, "scores": scores, "labels": labels, "mask_probs": probs, "image_size": (70, 90)}
+    a = detections_to_coco_results(canvas, "img")
+    b = detections_to_coco_results(fast, "img")
+    assert a == b
+    assert a[0]["image_id"] == "img" and len(a[0]["bbox"]) == 4 and isinstance(a[0]["segmentation"]["counts"], str)

@@ -1,0 +1,68 @@
+"""``Instances``: one image's detections with their masks kept in box crops.
+
+The container predict.py, TTA and the writers pass around; conversions go through
+``utils.masks`` so there is one implementation of each mask form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.masks import (BoxMasks, box_masks_to_coco_rle, coco_result_entries, coco_rle_to_box_masks,
+                         paste_masks_in_boxes, remove_overlaps)
+
+
+@dataclass
+class Instances:
+    """``boxes`` float32 ``N×4`` xyxy pixels, ``scores`` float32 ``N``, ``labels`` int64 ``N``
+    (class ids 1..C), ``masks`` the ``N`` binary masks as box crops of the image."""
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    masks: BoxMasks
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.masks.height, self.masks.width
+
+    @classmethod
+    def from_detections(cls, det: dict[str, Any], mask_threshold: float = 0.5) -> "Instances":
+        """A ``engine.inference.detect`` output → instances (masks pasted into their boxes)."""
+        height, width = (int(v) for v in det["image_size"])
+        boxes = torch.as_tensor(det["boxes"]).detach().cpu().float().numpy().reshape(-1, 4)
+        masks = paste_masks_in_boxes(det["mask_probs"], boxes, height, width, mask_threshold)
+        return cls(boxes, torch.as_tensor(det["scores"]).detach().cpu().float().numpy(),
+                   torch.as_tensor(det["labels"]).detach().cpu().numpy().astype(np.int64), masks)
+
+    @classmethod
+    def from_coco_results(cls, results: list[dict], height: int, width: int) -> "Instances":
+        """COCO results entries of one image (RLE segmentations) → instances."""
+        boxes = np.array([r["bbox"] for r in results], dtype=np.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        masks = coco_rle_to_box_masks([r["segmentation"] for r in results], height, width)
+        return cls(boxes, np.array([r["score"] for r in results], dtype=np.float32),
+                   np.array([r["category_id"] for r in results], dtype=np.int64), masks)
+
+    def select(self, indices: np.ndarray | list[int]) -> "Instances":
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return Instances(self.boxes[indices].reshape(-1, 4), self.scores[indices], self.labels[indices],
+                         self.masks.select(indices))
+
+    def above(self, score_thresh: float) -> "Instances":
+        return self.select(np.flatnonzero(self.scores >= score_thresh))
+
+    def non_overlapping(self) -> "Instances":
+        """Descending score; each pixel kept by the highest-scoring mask; empty masks dropped;
+        boxes tightened to the remaining pixels."""
+        kept, resolved = remove_overlaps(self.masks, self.scores)
+        return Instances(resolved.tight_boxes(), self.scores[kept], self.labels[kept], resolved)
+
+    def to_coco_results(self, image_id: Any) -> list[dict]:
+        return coco_result_entries(image_id, self.boxes, self.scores, self.labels,
+                                   box_masks_to_coco_rle(self.masks))

@@ -1,0 +1,138 @@
+"""Prediction outputs: overlay PNG, label image, COCO results JSON, Kaggle submission CSV.
+
+Every file is written atomically (temp file + rename), so an interrupted run never leaves a
+half-written output that looks complete.
+"""
+from __future__ import annotations
+
+import colorsys
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from utils.instances import Instances
+from utils.io import atomic_path, write_json_atomic, write_text_atomic
+from utils.masks import box_masks_to_kaggle_rles
+
+UINT16_MAX_LABELS = np.iinfo(np.uint16).max
+
+
+def display_image(image: np.ndarray) -> np.ndarray:
+    """Any image from ``utils.image_files.read_image`` → ``H×W×3`` uint8 RGB for viewing.
+
+    uint8 is shown as is; 16-bit and float images are stretched between their 0.5th and 99.5th
+    percentiles (microscopes rarely fill the 16-bit range). Alpha is dropped.
+    """
+    if image.ndim == 3:
+        image = image[:, :, :3]
+    if image.dtype != np.uint8:
+        values = image.astype(np.float32)
+        lo, hi = np.percentile(values, (0.5, 99.5))
+        if hi <= lo:
+            lo, hi = float(values.min()), float(values.max()) or 1.0
+        image = np.clip((values - lo) / max(hi - lo, 1e-12) * 255.0, 0, 255).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(image)
+
+
+def instance_colours(count: int) -> np.ndarray:
+    """``count×3`` uint8 RGB colours, well separated in hue (golden-ratio steps)."""
+    colours = np.zeros((count, 3), dtype=np.uint8)
+    for k in range(count):
+        hue = (k * 0.618033988749895) % 1.0
+        sat = 0.65 + 0.35 * ((k // 7) % 2)
+        colours[k] = np.round(np.array(colorsys.hsv_to_rgb(hue, sat, 1.0)) * 255)
+    return colours
+
+
+def render_overlay(image: np.ndarray, labels: np.ndarray, instances: Instances | None = None,
+                   class_names: list[str] | None = None, alpha: float = 0.4) -> np.ndarray:
+    """Image with instance ``k`` of ``labels`` (``H×W``, 0 background) tinted and outlined in its
+    own colour → ``H×W×3`` uint8 RGB. With ``instances`` (in label order), each instance also
+    gets ``"class score"`` written at its box corner."""
+    out = display_image(image).astype(np.float32)
+    count = int(labels.max()) if labels.size else 0
+    if count:
+        lut = np.zeros((count + 1, 3), dtype=np.float32)
+        lut[1:] = instance_colours(count)
+        fg = labels > 0
+        out[fg] = (1 - alpha) * out[fg] + alpha * lut[labels[fg]]
+        # Outline: pixels whose 4-neighbour belongs to another label (or background).
+        edge = np.zeros(labels.shape, dtype=bool)
+        edge[1:] |= labels[1:] != labels[:-1]
+        edge[:-1] |= labels[:-1] != labels[1:]
+        edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+        edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+        edge &= fg
+        out[edge] = lut[labels[edge]]
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if instances is not None and len(instances):
+        colours = instance_colours(len(instances))
+        for k, (box, score, label) in enumerate(zip(instances.boxes, instances.scores, instances.labels)):
+            name = class_names[label - 1] if class_names and 0 < label <= len(class_names) else str(label)
+            x0, y0 = int(box[0]), max(int(box[1]) - 2, 8)
+            cv2.putText(out, f"{name} {score:.2f}", (x0, y0), cv2.FONT_HERSHEY_SIMPLEX, 0.3,
+                        tuple(int(c) for c in colours[k]), 1, cv2.LINE_AA)
+    return out
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """``H×W`` (uint8/uint16) or ``H×W×3`` RGB uint8 array → PNG, atomically."""
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"could not encode {path} as PNG")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.tobytes())
+
+
+def write_label_image(path_without_suffix: str | os.PathLike, labels: np.ndarray) -> Path:
+    """Label image → 16-bit PNG (``.png``), or 32-bit TIFF (``.tif``) above 65535 instances.
+
+    Returns the path written. 0 is background, ``k`` is instance ``k``.
+    """
+    base = Path(path_without_suffix)
+    if int(labels.max(initial=0)) <= UINT16_MAX_LABELS:
+        path = base.with_name(base.name + ".png")
+        write_png(path, labels.astype(np.uint16))
+        return path
+    from PIL import Image
+
+    path = base.with_name(base.name + ".tif")
+    with atomic_path(path) as tmp:
+        Image.fromarray(labels.astype(np.int32)).save(tmp, format="TIFF", compression="tiff_deflate")
+    return path
+
+
+def read_label_image(path: str | os.PathLike) -> np.ndarray:
+    """Read back a label image written by ``write_label_image`` (uint16 PNG or int32 TIFF)."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return np.array(im)
+    labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if labels is None:
+        raise OSError(f"cannot read label image {path}")
+    return labels
+
+
+def submission_rows(image_id: str, instances: Instances) -> list[str]:
+    """Kaggle ``id,predicted`` rows for one image's non-overlapping instances (one per instance;
+    a single row with an empty prediction when there is none). Empty masks are skipped."""
+    rles = [r for r in box_masks_to_kaggle_rles(instances.masks) if r]
+    return [f"{image_id},{rle}" for rle in rles] or [f"{image_id},"]
+
+
+def write_submission_csv(path: str | os.PathLike, rows: list[str]) -> None:
+    write_text_atomic(path, "id,predicted\n" + "".join(row + "\n" for row in rows))
+
+
+def write_predictions_json(path: str | os.PathLike, results: list[dict]) -> None:
+    """COCO results list (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, RLE)."""
+    write_json_atomic(path, results, indent=None)
