@@ -46,7 +46,7 @@ def test_targets_and_gt(tmp_path, string_ids, as_dict):
 
 
 def test_gt_loads_in_pycocotools(tmp_path):
-    from metrics.coco import load_coco
+    from metrics.reference import load_coco
     path = write_coco(str(tmp_path), num_images=2)
     ds = build_dataset("coco", "val", options(path, tmp_path))
     coco = load_coco(ds.coco_gt())
