@@ -458,10 +458,15 @@ def fill_kaggle_runs(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, 
 
 
 def decode_kaggle_rle(rle: str, height: int, width: int) -> np.ndarray:
-    """Kaggle RLE string → binary mask ``H×W`` uint8 (validated, see ``parse_kaggle_rle``)."""
-    starts, lengths = parse_kaggle_rle(rle, height, width)
+    """Kaggle RLE string → binary mask ``H×W`` uint8 (validated, see ``parse_kaggle_rle``).
+
+    ``""`` decodes to an empty mask, the inverse of ``encode_kaggle_rle``; dataset readers
+    that must reject empty annotations call ``parse_kaggle_rle`` directly.
+    """
     flat = np.zeros(height * width, dtype=np.uint8)
-    fill_kaggle_runs(flat, starts, lengths)
+    if rle.strip():
+        starts, lengths = parse_kaggle_rle(rle, height, width)
+        fill_kaggle_runs(flat, starts, lengths)
     return flat.reshape(height, width)
 
 
