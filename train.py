@@ -67,16 +67,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--fold", type=int, default=S, help="which fold is validation")
     g.add_argument("--val-fraction", type=float, default=S, help="folder: fraction held out for validation")
     g.add_argument("--val-path", default=S, help="folder: a separate validation folder")
-    g.add_argument("--fill-holes", action="store_true", default=S, help="fill holes in masks (hollow astro cells)")
-    g.add_argument("--drop-duplicates", action="store_true", default=S, help="drop exact duplicate annotations")
-    g.add_argument("--keep-empty", action="store_true", default=S, help="keep images without annotations")
-    g.add_argument("--skip-bad", action="store_true", default=S, help="skip and count bad records instead of stopping")
+    g.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=S,
+                   help="sartorius: fill holes in training masks (hollow astro cells; default on)")
+    g.add_argument("--drop-duplicates", action=argparse.BooleanOptionalAction, default=S,
+                   help="sartorius: drop exact duplicate annotations (default on)")
+    g.add_argument("--keep-empty", action=argparse.BooleanOptionalAction, default=S,
+                   help="coco: keep training images without annotations as negatives (default off)")
+    g.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, default=S,
+                   help="skip and count bad images/rows/annotations instead of stopping (default off)")
     g.add_argument("--synthetic-train-images", type=int, default=S, help="synthetic: training images")
     g.add_argument("--synthetic-val-images", type=int, default=S, help="synthetic: validation images")
     g.add_argument("--synthetic-size", type=int, default=S, help="synthetic: image side in pixels")
     g.add_argument("--synthetic-seed", type=int, default=S, help="synthetic: generator seed")
     g.add_argument("--dataset-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="any other dataset option, repeatable")
+                   help="any other dataset option, repeatable (docs/datasets.md lists them: train_csv, "
+                        "image_dir, fold_seed, check_images, split_seed, class_name)")
     g.add_argument("--data-augmentation", default=S, help=f"preset: {', '.join(PRESETS)}")
     g.add_argument("--aspect-ratio-group-factor", type=int, default=S, help="-1 disables grouping")
     g.add_argument("-j", "--workers", type=int, default=S, help="data loading workers per process")
