@@ -109,7 +109,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("-b", "--batch-size", type=int, default=S, help="images per process")
     g.add_argument("--epochs", type=int, default=S)
     g.add_argument("--opt", default=S, help="sgd or adamw")
-    g.add_argument("--lr", type=float, default=S, help="base learning rate (for the total batch)")
+    g.add_argument("--lr", type=float, default=S, help="learning rate, used as given (not scaled by batch size or process count)")
     g.add_argument("--momentum", type=float, default=S)
     g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=S)
     g.add_argument("--lr-scheduler", default=S, help="multistep or cosine")
