@@ -1,0 +1,154 @@
+"""The frozen training configuration, built once from flags and dataset defaults.
+
+Resolution order for every option: an explicit flag, then the dataset's defaults
+(``register_dataset(..., defaults=...)``), then the field default below.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from models.zoo import ModelOptions
+
+
+class ConfigError(ValueError):
+    """A flag value that cannot work; the message names the flag and what to do."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data
+    dataset: str = "synthetic"
+    data_path: str | None = None
+    dataset_options: dict = field(default_factory=dict)   # format-specific keys, passed through
+    data_augmentation: str = "hflip"
+    aspect_ratio_group_factor: int = 3                      # -1 disables grouping
+    workers: int = 2
+    # model
+    model: str = "maskrcnn_resnet50_fpn"
+    weights: str | None = None
+    weights_backbone: str | None = None
+    trainable_backbone_layers: int | None = None
+    min_size: int = 800
+    max_size: int = 1333
+    anchor_sizes: tuple = (32, 64, 128, 256, 512)
+    detections_per_img: int = 100
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    sync_bn: bool = False
+    # optimisation
+    device: str = "auto"
+    batch_size: int = 2                                     # images per process
+    epochs: int = 26
+    opt: str = "sgd"
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_scheduler: str = "multistep"
+    lr_steps: tuple = (16, 22)                              # epochs, for multistep
+    lr_gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    clip_grad_norm: float = 0.0                             # 0 disables
+    amp: bool = False
+    max_nonfinite: int = 5                                  # consecutive non-finite losses before stopping
+    # evaluation and checkpoints
+    eval_every: int = 1                                     # epochs; 0 only at the end
+    best_metric: str = "segm_AP"
+    sartorius_score_thresh: float = 0.5
+    test_only: bool = False
+    # run
+    output_dir: str = "runs"
+    name: str | None = None                                 # run directory name; default: timestamp
+    resume: str | None = None
+    seed: int = 42
+    deterministic: bool = False
+    print_freq: int = 20
+
+    def model_options(self) -> ModelOptions:
+        names = {f.name for f in fields(ModelOptions)}
+        return ModelOptions(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists); stored in checkpoints and config.json."""
+        return json_ready(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for k, v in values.items():
+            if k in known:
+                kwargs[k] = tuple(v) if isinstance(v, list) else v
+        return cls(**kwargs)
+
+
+def json_ready(value):
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+BEST_METRICS = ("segm_AP", "segm_AP50", "bbox_AP", "bbox_AP50", "sartorius")
+
+
+def resolve_config(explicit: dict[str, Any], dataset_defaults: dict[str, Any]) -> TrainConfig:
+    """Merge explicit flags over dataset defaults over field defaults, then validate."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(dataset_defaults) - known
+    if unknown:
+        raise ConfigError(f"dataset defaults name unknown options: {sorted(unknown)}")
+    merged = {**{k: v for k, v in dataset_defaults.items()}, **{k: v for k, v in explicit.items() if v is not None}}
+    merged = {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
+    config = TrainConfig(**merged)
+    validate(config)
+    return config
+
+
+def validate(c: TrainConfig) -> None:
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    from models.zoo import check_model_name
+    try:
+        check_model_name(c.model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    need(c.batch_size >= 1, f"--batch-size must be ≥ 1, got {c.batch_size}")
+    need(c.epochs >= 1, f"--epochs must be ≥ 1, got {c.epochs}")
+    need(c.lr > 0, f"--lr must be > 0, got {c.lr}")
+    need(c.workers >= 0, f"--workers must be ≥ 0, got {c.workers}")
+    need(c.weight_decay >= 0, f"--wd must be ≥ 0, got {c.weight_decay}")
+    need(0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum}")
+    need(c.opt in ("sgd", "adamw"), f"--opt must be sgd or adamw, got {c.opt!r}")
+    need(c.lr_scheduler in ("multistep", "cosine"), f"--lr-scheduler must be multistep or cosine, got {c.lr_scheduler!r}")
+    need(all(s > 0 for s in c.lr_steps), f"--lr-steps must be positive epochs, got {list(c.lr_steps)}")
+    need(0 < c.lr_gamma <= 1, f"--lr-gamma must be in (0, 1], got {c.lr_gamma}")
+    need(c.warmup_iters >= 0, f"--warmup-iters must be ≥ 0, got {c.warmup_iters}")
+    need(0 < c.warmup_factor <= 1, f"--warmup-factor must be in (0, 1], got {c.warmup_factor}")
+    need(c.clip_grad_norm >= 0, f"--clip-grad-norm must be ≥ 0 (0 disables), got {c.clip_grad_norm}")
+    need(c.detections_per_img >= 1, f"--detections-per-img must be ≥ 1, got {c.detections_per_img}")
+    need(0 < c.min_size <= c.max_size, f"--min-size must be in 1..--max-size, got {c.min_size} > {c.max_size}"
+         if c.min_size > c.max_size else f"--min-size must be ≥ 1, got {c.min_size}")
+    need(len(c.anchor_sizes) == 5 and all(a > 0 for a in c.anchor_sizes),
+         f"--anchor-sizes needs 5 positive sizes (one per FPN level), got {list(c.anchor_sizes)}")
+    for flag in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test"):
+        need(getattr(c, flag) >= 1, f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(c, flag)}")
+    need(0 <= c.box_score_thresh < 1, f"--box-score-thresh must be in [0, 1), got {c.box_score_thresh}")
+    need(0 < c.box_nms_thresh <= 1, f"--box-nms-thresh must be in (0, 1], got {c.box_nms_thresh}")
+    need(c.best_metric in BEST_METRICS, f"--best-metric must be one of {', '.join(BEST_METRICS)}, got {c.best_metric!r}")
+    need(c.eval_every >= 0, f"--eval-every must be ≥ 0, got {c.eval_every}")
+    need(c.print_freq >= 1, f"--print-freq must be ≥ 1, got {c.print_freq}")
+    need(c.max_nonfinite >= 1, f"--max-nonfinite must be ≥ 1, got {c.max_nonfinite}")
+    need(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),
+         f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
+    need(c.trainable_backbone_layers is None or 0 <= c.trainable_backbone_layers <= 5,
+         f"--trainable-backbone-layers must be in 0..5, got {c.trainable_backbone_layers}")

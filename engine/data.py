@@ -1,0 +1,146 @@
+"""Data loaders whose sample order and augmentation are functions of (seed, epoch, index).
+
+That makes them resumable mid-epoch (skip the batches already done) and the same whatever
+the number of workers: the batch sampler yields ``(index, epoch)`` keys and ``SeededDataset``
+seeds the random generators from them before calling the transforms.
+"""
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def collate(batch):
+    """A batch is (images, targets) tuples: detection images keep their own sizes."""
+    return tuple(zip(*batch))
+
+
+def _key_seed(seed: int, epoch: int, index: int) -> int:
+    return zlib.crc32(f"{seed}:{epoch}:{index}".encode()) & 0x7FFFFFFF
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so that item ``(index, epoch)`` is augmented identically on every run.
+
+    torch's, numpy's and Python's global generators are seeded from (seed, epoch, index) for
+    the call and restored afterwards, so the caller's random state is not disturbed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        s = _key_seed(self.seed, epoch, index)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                random.seed(s)
+                np.random.seed(s)
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def aspect_ratio_groups(sizes: Sequence[tuple[int, int]], group_factor: int) -> list[int]:
+    """Group id per image: aspect ratio (w/h) bins, 2·group_factor+1 of them, log-spaced in [0.5, 2].
+
+    Batches drawn from one group need little padding. ``group_factor < 0`` puts all in one group.
+    """
+    if group_factor < 0:
+        return [0] * len(sizes)
+    bins = np.logspace(-1, 1, 2 * group_factor + 1, base=2.0) if group_factor > 0 else np.array([1.0])
+    ratios = np.array([w / h for h, w in sizes], dtype=np.float64)
+    return np.digitize(ratios, bins).tolist()
+
+
+class TrainBatchSampler(Sampler):
+    """Shuffled, sharded over ranks, grouped by aspect ratio, deterministic per epoch, resumable.
+
+    Every rank gets ``ceil(ceil(N / world) / batch_size)`` batches, so ranks never wait on each
+    other at the end of an epoch. ``start_batch`` skips batches already trained (for resume;
+    it applies to the first epoch iterated only).
+    """
+
+    def __init__(self, groups: Sequence[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.groups = list(groups)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def _shard(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        order = torch.randperm(len(self.groups), generator=g).tolist()
+        per_rank = math.ceil(len(order) / self.world_size)
+        order += order[: per_rank * self.world_size - len(order)]  # pad by repeating, as DistributedSampler
+        return order[self.rank::self.world_size]
+
+    def batches(self) -> list[list[int]]:
+        full, buffers = [], {}
+        for index in self._shard():
+            buf = buffers.setdefault(self.groups[index], [])
+            buf.append(index)
+            if len(buf) == self.batch_size:
+                full.append(buf)
+                buffers[self.groups[index]] = []
+        leftover = [i for buf in buffers.values() for i in buf]
+        full += [leftover[k:k + self.batch_size] for k in range(0, len(leftover), self.batch_size)]
+        return full
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(len(self.groups) / self.world_size) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.batches()[self.start_batch:]:
+            yield [(i, self.epoch) for i in batch]
+
+
+class EvalSampler(Sampler):
+    """In-order shard of ``range(N)`` for this rank, padded by repetition like DistributedSampler."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
+        per_rank = math.ceil(length / world_size)
+        order = list(range(length))
+        order += order[: per_rank * world_size - length]
+        self.indices = order[rank::world_size]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+def _worker_init(worker_id: int) -> None:
+    # Each worker uses one thread: N workers × default threads oversubscribes small machines.
+    torch.set_num_threads(1)
+
+
+def train_loader(dataset: Dataset, batch_sampler: TrainBatchSampler, seed: int, workers: int) -> DataLoader:
+    return DataLoader(SeededDataset(dataset, seed), batch_sampler=batch_sampler, num_workers=workers,
+                      collate_fn=collate, worker_init_fn=_worker_init if workers else None,
+                      persistent_workers=False)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=EvalSampler(len(dataset), rank, world_size),
+                      num_workers=workers, collate_fn=collate, worker_init_fn=_worker_init if workers else None)

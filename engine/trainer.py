@@ -1,0 +1,271 @@
+"""The training loop.
+
+Order inside an epoch boundary matters and is deliberate: the checkpoint is written before
+evaluation, so a failing evaluation still leaves ``last.pth`` to debug or resume from.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from engine import distributed
+from engine.checkpoint import save_checkpoint
+from engine.config import TrainConfig
+from engine.evaluation import autocast_context, evaluate_model, headline
+from engine.logging import MetricLogger, MetricsWriter, plot_metrics
+from utils.io import write_json_atomic
+
+log = logging.getLogger("trainer")
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint at the current iteration was written."""
+
+    def __init__(self, signum: int, checkpoint: Path | None):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+def capture_rng() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """One model, one optimizer, one data source. ``after_step`` hooks get ``(trainer, epoch, batches_done)``."""
+
+    def __init__(self, config: TrainConfig, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
+                 optimizer, lr_scheduler, scaler, train_loader, batch_sampler, val_loader, val_gt: dict,
+                 class_names: list[str], device: torch.device, dist_info: distributed.DistInfo, run_dir: Path,
+                 after_step: list[Callable] | None = None):
+        self.config = config
+        self.model = model
+        self.model_without_ddp = model_without_ddp
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.scaler = scaler
+        self.train_loader = train_loader
+        self.batch_sampler = batch_sampler
+        self.val_loader = val_loader
+        self.val_gt = val_gt
+        self.class_names = class_names
+        self.device = device
+        self.dist = dist_info
+        self.run_dir = run_dir
+        self.after_step = list(after_step or [])
+        self.writer = MetricsWriter(run_dir, enabled=dist_info.is_main)
+        self.start_epoch = 0
+        self.start_iteration = 0
+        self.global_step = 0
+        self.best_value: float | None = None
+        self.last_metrics: dict = {}
+        self.nonfinite_total = 0
+        self._consecutive_nonfinite = 0
+        self._stop_signal: int | None = None
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self, epoch: int, iteration: int) -> dict:
+        return {
+            "model": self.model_without_ddp.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "iteration": iteration,
+            "global_step": self.global_step,
+            "rng": distributed.all_gather_objects(capture_rng()),  # one entry per rank
+            "config": self.config.to_dict(),
+            "metrics": self.last_metrics,
+            "best_value": self.best_value,
+            "nonfinite_total": self.nonfinite_total,
+            "class_names": self.class_names,
+            "model_name": self.config.model,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model_without_ddp.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.start_iteration = int(state["epoch"]), int(state["iteration"])
+        self.global_step = int(state.get("global_step", 0))
+        self.best_value = state.get("best_value")
+        self.last_metrics = state.get("metrics", {})
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        rng = state.get("rng") or []
+        if len(rng) == self.dist.world_size:
+            restore_rng(rng[self.dist.rank])
+        else:
+            log.warning("checkpoint holds RNG states of %d processes, this run has %d: random streams are "
+                        "re-seeded, so the continuation is not bit-identical", len(rng), self.dist.world_size)
+            torch.manual_seed(self.config.seed + 7919 * self.dist.rank + self.start_epoch)
+
+    def save(self, name: str, epoch: int, iteration: int) -> Path:
+        state = self.state_dict(epoch, iteration)  # every rank joins the RNG gather
+        path = self.run_dir / name
+        if self.dist.is_main:
+            save_checkpoint(path, state)
+        distributed.barrier()
+        return path
+
+    # -- signals ----------------------------------------------------------------------------
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop after the current iteration, writing a checkpoint (what SIGTERM/SIGINT do)."""
+        self._stop_signal = signum
+
+    def _install_signal_handlers(self):
+        previous = {}
+
+        def handler(signum, frame):
+            log.warning("signal %d received: finishing this iteration, then saving a checkpoint "
+                        "(send it again to exit at once)", signum)
+            self.request_stop(signum)
+            signal.signal(signum, previous[signum])  # a second signal gets the default behaviour
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+        return previous
+
+    # -- loop -------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Train to ``config.epochs``; return the final evaluation report (may be empty)."""
+        previous = self._install_signal_handlers()
+        report: dict = {}
+        try:
+            for epoch in range(self.start_epoch, self.config.epochs):
+                start_iter = self.start_iteration if epoch == self.start_epoch else 0
+                self.train_one_epoch(epoch, start_iter)
+                self.save("last.pth", epoch + 1, 0)
+                last = epoch + 1 == self.config.epochs
+                if last or (self.config.eval_every and (epoch + 1) % self.config.eval_every == 0):
+                    report = self.evaluate(epoch + 1)
+                    self._maybe_save_best(epoch + 1)
+                    self.save("last.pth", epoch + 1, 0)  # again, now holding the metrics and best value
+            if not report and self.start_epoch >= self.config.epochs:
+                log.info("nothing to train: the checkpoint is already at epoch %d of %d", self.start_epoch,
+                         self.config.epochs)
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+            self.writer.close()
+            if self.dist.is_main:
+                plot = plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
+                if plot:
+                    log.info("plot of losses and metrics: %s", plot)
+        return report
+
+    def train_one_epoch(self, epoch: int, start_iter: int) -> None:
+        c = self.config
+        self.model.train()
+        self.batch_sampler.set_epoch(epoch, start_iter)
+        total = len(self.batch_sampler)
+        logger = MetricLogger(self.device, c.print_freq, header=f"epoch {epoch + 1}/{c.epochs}")
+        batches_done = start_iter
+        for images, targets in logger.log_every(self.train_loader, total, start=start_iter):
+            images = [img.to(self.device, non_blocking=True) for img in images]
+            targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            with autocast_context(self.device, c.amp):
+                loss_dict = self.model(images, targets)
+            losses = sum(loss_dict.values())
+            reduced = distributed.reduce_mean_dict({k: v.detach() for k, v in loss_dict.items()})
+            loss_value = float(sum(reduced.values()))
+
+            self.optimizer.zero_grad(set_to_none=True)
+            if math.isfinite(loss_value):
+                self._consecutive_nonfinite = 0
+                self.scaler.scale(losses).backward()
+                if c.clip_grad_norm > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad_norm)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self._skip_nonfinite(loss_value, reduced, epoch, batches_done)
+            self.lr_scheduler.step()
+            batches_done += 1
+            self.global_step += 1
+
+            lr = self.optimizer.param_groups[0]["lr"]
+            logger.update(loss=loss_value, lr=lr, **{k: float(v) for k, v in reduced.items()})
+            if self.global_step % c.print_freq == 0 or batches_done == total:
+                self.writer.write({"type": "train", "epoch": epoch, "iteration": batches_done,
+                                   "step": self.global_step, "lr": lr, "loss": loss_value,
+                                   **{k: float(v) for k, v in reduced.items()}, "time": time.time()},
+                                  self.global_step)
+            for hook in self.after_step:
+                hook(self, epoch, batches_done)
+            if distributed.any_rank(self._stop_signal is not None, self.device):
+                path = self.save("last.pth", epoch, batches_done)
+                log.warning("saved %s at epoch %d, iteration %d/%d; continue with --resume %s", path,
+                            epoch + 1, batches_done, total, path)
+                raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, path)
+
+    def _skip_nonfinite(self, loss_value: float, reduced: dict, epoch: int, batches_done: int) -> None:
+        self._consecutive_nonfinite += 1
+        self.nonfinite_total += 1
+        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in reduced.items())
+        log.warning("non-finite loss %s at epoch %d iteration %d (%s): step skipped (%d in a row, %d in total)",
+                    loss_value, epoch + 1, batches_done + 1, parts, self._consecutive_nonfinite, self.nonfinite_total)
+        if self._consecutive_nonfinite >= self.config.max_nonfinite:
+            raise TrainingDiverged(
+                f"{self._consecutive_nonfinite} consecutive non-finite losses: training stopped. Likely causes: "
+                f"a learning rate too high for this batch size (--lr {self.config.lr}; try lowering it or "
+                f"longer --warmup-iters), AMP overflow (try without --amp), or bad boxes/masks in the data "
+                f"(check it with tools/check_dataset.py). The last good checkpoint is {self.run_dir / 'last.pth'}.")
+
+    # -- evaluation -------------------------------------------------------------------------
+    def evaluate(self, epoch: int, save_predictions: bool = False) -> dict:
+        # Evaluation must not consume the training RNG streams, or a resumed run would diverge.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            report, results = evaluate_model(self.model_without_ddp, self.val_loader, self.val_gt, self.device,
+                                       self.config.detections_per_img, amp=self.config.amp,
+                                       sartorius_score_thresh=self.config.sartorius_score_thresh,
+                                       class_names=self.class_names)
+        self.last_metrics = headline(report)
+        log.info("validation after epoch %d: %s", epoch,
+                 "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items()))
+        self.writer.write({"type": "eval", "epoch": epoch, "step": self.global_step, **self.last_metrics,
+                           "time": time.time()}, self.global_step)
+        if self.dist.is_main:
+            write_json_atomic(self.run_dir / "eval_report.json", {"epoch": epoch, **report})
+            if save_predictions:
+                write_json_atomic(self.run_dir / "predictions.json", results, indent=None)
+                log.info("predictions (COCO results) written to %s", self.run_dir / "predictions.json")
+        return report
+
+    def _maybe_save_best(self, epoch: int) -> None:
+        value = self.last_metrics.get(self.config.best_metric)
+        if value is None:
+            return
+        if self.best_value is None or value > self.best_value:
+            self.best_value = value
+            self.save("best.pth", epoch, 0)
+            log.info("new best %s %.4f → %s", self.config.best_metric, value, self.run_dir / "best.pth")

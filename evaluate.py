@@ -1,0 +1,217 @@
+"""Evaluate instance segmentation: COCO mAP (segm, bbox) and the Sartorius competition score.
+
+From files (COCO ground truth + COCO results list):
+
+    python evaluate.py --gt GT.json --pred PRED.json [--max-dets 1000] [--iou-types segm bbox] [--out REPORT.json]
+
+From a checkpoint (inference on the validation split, then the same metrics):
+
+    python evaluate.py --checkpoint PATH --dataset NAME --data-path ROOT [--save-predictions PRED.json]
+
+Post-processing search (per-class score threshold and minimum mask size, with overlap
+removal, maximising the Sartorius score; the JSON is what ``predict.py --postprocess`` reads):
+
+    python evaluate.py --gt GT.json --pred PRED.json --search [--search-out postprocess.json] [--nms-iou 0.5]
+
+Bad input (malformed JSON, unknown image ids or categories, RLE of the wrong size, NaN
+scores) ends with a message naming the entry and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from typing import Any
+
+from metrics import InvalidInputError, evaluate_predictions
+from metrics.coco import STAT_NAMES
+from metrics.validation import check_ground_truth, check_results, normalize_ground_truth
+from utils.io import write_json_atomic
+
+EXIT_BAD_INPUT = 2
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    files = parser.add_argument_group("from files")
+    files.add_argument("--gt", help="COCO ground-truth JSON")
+    files.add_argument("--pred", help="COCO results JSON (list of detections with RLE segmentation)")
+    model = parser.add_argument_group("from a checkpoint")
+    model.add_argument("--checkpoint", help="checkpoint file written by train.py")
+    model.add_argument("--dataset", help="dataset name (validation split is evaluated)")
+    model.add_argument("--data-path", help="dataset root")
+    model.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="extra dataset option (repeatable), e.g. fold=0")
+    model.add_argument("--device", default=None, help="cuda, cpu, cuda:1 (default: cuda when present)")
+    model.add_argument("--batch-size", type=int, default=2, help="images per inference batch")
+    model.add_argument("--save-predictions", default=None, help="write the results list as COCO JSON")
+    metric = parser.add_argument_group("metrics")
+    metric.add_argument("--max-dets", type=int, default=None,
+                        help="COCO maxDets (largest); default 100 from files, the dataset's detections "
+                             "per image from a checkpoint. Cells need 1000.")
+    metric.add_argument("--iou-types", nargs="+", default=["segm", "bbox"], choices=["segm", "bbox"])
+    metric.add_argument("--sartorius-score-thresh", type=float, default=0.5,
+                        help="predictions below this score are left out of the Sartorius score")
+    metric.add_argument("--out", default=None, help="write the report JSON here")
+    search = parser.add_argument_group("post-processing search")
+    search.add_argument("--search", action="store_true",
+                        help="choose per-class score thresholds and minimum sizes for the Sartorius score")
+    search.add_argument("--search-out", default="postprocess.json", help="where the chosen parameters go")
+    search.add_argument("--nms-iou", type=float, default=None,
+                        help="mask-IoU NMS threshold applied before overlap removal (off by default)")
+    return parser
+
+
+def load_json(path: str, what: str) -> Any:
+    """Read a JSON file; a missing file or a syntax error becomes an ``InvalidInputError``."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InvalidInputError(f"{what} file {path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"{what} file {path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(f"{what} file {path}: not UTF-8 text ({e.reason})") from None
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def evaluate_files(args: argparse.Namespace) -> tuple[dict, dict, list[dict]]:
+    """``--gt``/``--pred`` → (report, gt, results)."""
+    gt = normalize_ground_truth(load_json(args.gt, "ground truth"))
+    results = load_json(args.pred, "predictions")
+    if isinstance(results, dict) and isinstance(results.get("annotations"), list):
+        results = results["annotations"]  # a results file saved as a COCO dict
+    check_ground_truth(gt, tuple(args.iou_types))
+    check_results(results, gt, tuple(args.iou_types))
+    max_dets = args.max_dets or 100
+    per_image: dict = {}
+    for r in results:
+        per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
+    crowded = sum(n > max_dets for n in per_image.values())
+    if crowded:
+        print(f"note: {crowded} image(s) have more than {max_dets} predictions; COCO evaluation keeps the "
+              f"{max_dets} best-scored per image and category (raise --max-dets for dense images)", file=sys.stderr)
+    report = evaluate_predictions(gt, results, max_dets, tuple(args.iou_types),
+                                  sartorius_score_thresh=args.sartorius_score_thresh, validate=False)
+    return report, gt, results
+
+
+def _dataset_options(args: argparse.Namespace) -> dict:
+    options: dict[str, Any] = {"data_path": args.data_path}
+    for item in args.dataset_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidInputError(f"--dataset-option {item!r}: expected KEY=VALUE")
+        options[key.replace("-", "_")] = value
+    return options
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> tuple[dict, dict | None, list[dict]]:
+    """``--checkpoint`` → (report, gt or None, results) via the engine's inference path.
+
+    The engine runs the model over the validation split (batched, on GPU when present, under
+    torchrun too), gathers the results across ranks and calls ``metrics.evaluate_predictions``.
+    """
+    import torch  # noqa: F401  (heavy imports only in this mode)
+    from engine.evaluation import evaluate_checkpoint as engine_evaluate_checkpoint
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    options = _dataset_options(args)
+    max_dets = args.max_dets
+    if max_dets is None:
+        from datasets import dataset_defaults
+        max_dets = int(dataset_defaults(args.dataset).get("detections_per_img", 100))
+    report, results = engine_evaluate_checkpoint(args.checkpoint, args.dataset, options, device,
+                                                 args.batch_size, max_dets, args.save_predictions)
+    gt = None
+    if args.search:
+        from datasets import build_dataset
+        gt = build_dataset(args.dataset, "val", options, None).coco_gt()
+    return report, gt, results
+
+
+def _fmt(x: float | None) -> str:
+    return "  -  " if x is None or x < 0 else f"{x:.3f}"
+
+
+def format_report(report: dict) -> str:
+    """A readable table of the report: COCO stats per IoU type, per-class AP, Sartorius score."""
+    lines = []
+    max_dets = report.get("max_dets")
+    names = [n if n != "ARmax" else f"AR{max_dets}" for n in STAT_NAMES]
+    for iou_type, r in report.get("coco", {}).items():
+        lines.append(f"COCO {iou_type} (maxDets {max_dets})")
+        lines.append("  " + " ".join(f"{n:>6}" for n in names))
+        lines.append("  " + " ".join(f"{_fmt(v):>6}" for v in r["stats"]))
+        if r.get("per_class"):
+            lines.append("  AP per class: " + ", ".join(f"{n} {_fmt(v)}" for n, v in r["per_class"].items()))
+    s = report.get("sartorius")
+    if s:
+        lines.append(f"Sartorius score {s['score']:.4f}  (predictions with score ≥ {s['score_thresh']}, "
+                     f"{len(s['per_image'])} images)")
+        lines.append("  IoU thr " + " ".join(f"{t:>5}" for t in s["per_threshold"]))
+        lines.append("  score   " + " ".join(f"{v:5.3f}" for v in s["per_threshold"].values()))
+        lines.append("  per class: " + ", ".join(f"{n} {_fmt(v)}" for n, v in s["per_class"].items()))
+    return "\n".join(lines)
+
+
+def run_search(args: argparse.Namespace, gt: dict, results: list[dict]) -> dict:
+    """The post-processing search; prints its table and writes the parameters JSON."""
+    from metrics.postprocess import format_search_table, search_postprocess
+
+    found = search_postprocess(gt, results, nms_iou=args.nms_iou)
+    if _is_main_process():
+        print(format_search_table(found))
+        write_json_atomic(args.search_out, found["params"])
+        print(f"post-processing parameters → {args.search_out}")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    from_files = args.gt is not None or args.pred is not None
+    if from_files == (args.checkpoint is not None):
+        parser.error("give either --gt and --pred, or --checkpoint with --dataset and --data-path")
+    if from_files and not (args.gt and args.pred):
+        parser.error("--gt and --pred go together")
+    if args.checkpoint and not args.dataset:
+        parser.error("--checkpoint needs --dataset (and usually --data-path)")
+    if args.max_dets is not None and args.max_dets < 1:
+        parser.error("--max-dets must be ≥ 1")
+    if args.search and "segm" not in args.iou_types:
+        parser.error("--search optimises the Sartorius score, which needs --iou-types segm")
+    try:
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report, gt, results = evaluate_files(args) if from_files else evaluate_checkpoint(args)
+        if report is None or not _is_main_process():
+            return 0
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+        print(format_report(report))
+        print(f"({time.perf_counter() - start:.1f} s)")
+        if args.out:
+            write_json_atomic(args.out, report)
+            print(f"report → {args.out}")
+        if args.search:
+            if gt is None:
+                raise InvalidInputError("--search needs the ground truth")
+            run_search(args, gt, results)
+    except InvalidInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

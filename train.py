@@ -1,0 +1,287 @@
+"""Train Mask R-CNN (torchvision) on the built-in synthetic cells, COCO, Sartorius, LIVECell or folders.
+
+    python train.py                                   # synthetic cells, small model, a few minutes on CPU
+    python train.py --dataset coco --data-path /data/coco --model maskrcnn_resnet50_fpn --weights-backbone DEFAULT
+    torchrun --nproc_per_node=8 train.py --dataset coco --data-path /data/coco -b 2 --lr 0.02
+
+Every flag left unset takes the dataset's default (datasets/<format>.py), then TrainConfig's.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from datasets import build_dataset, dataset_defaults, dataset_names
+from engine import distributed
+from engine.checkpoint import CheckpointError, find_latest, load_checkpoint
+from engine.config import BEST_METRICS, ConfigError, TrainConfig, resolve_config
+from engine.data import TrainBatchSampler, aspect_ratio_groups, eval_loader, train_loader
+from engine.evaluation import headline
+from engine.logging import setup_logging
+from engine.optim import build_lr_scheduler, build_optimizer
+from engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted
+from models import WeightsError, build_model, model_names
+from transforms import PRESETS, build_transforms
+from utils.io import write_json_atomic
+
+log = logging.getLogger("trainer")
+
+# Flags that configure a dataset module rather than the trainer; passed through as a dict.
+DATASET_FLAGS = ("train_ann", "val_ann", "train_images", "val_images", "num_folds", "fold", "val_fraction",
+                 "val_path", "fill_holes", "drop_duplicates", "keep_empty", "skip_bad",
+                 "synthetic_train_images", "synthetic_val_images", "synthetic_size", "synthetic_seed")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip().replace("-", "_"), value
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Mask R-CNN training", add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    S = argparse.SUPPRESS  # unset flags stay absent, so dataset defaults can fill them
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic", help=f"one of: {', '.join(dataset_names())}")
+    g.add_argument("--data-path", default=S, help="dataset root")
+    g.add_argument("--train-ann", default=S, help="COCO-format: training annotation json")
+    g.add_argument("--val-ann", default=S, help="COCO-format: validation annotation json")
+    g.add_argument("--train-images", default=S, help="COCO-format: training image folder")
+    g.add_argument("--val-images", default=S, help="COCO-format: validation image folder")
+    g.add_argument("--num-folds", type=int, default=S, help="k-fold split (sartorius: grouped by sample_id)")
+    g.add_argument("--fold", type=int, default=S, help="which fold is validation")
+    g.add_argument("--val-fraction", type=float, default=S, help="folder: fraction held out for validation")
+    g.add_argument("--val-path", default=S, help="folder: a separate validation folder")
+    g.add_argument("--fill-holes", action="store_true", default=S, help="fill holes in masks (hollow astro cells)")
+    g.add_argument("--drop-duplicates", action="store_true", default=S, help="drop exact duplicate annotations")
+    g.add_argument("--keep-empty", action="store_true", default=S, help="keep images without annotations")
+    g.add_argument("--skip-bad", action="store_true", default=S, help="skip and count bad records instead of stopping")
+    g.add_argument("--synthetic-train-images", type=int, default=S, help="synthetic: training images")
+    g.add_argument("--synthetic-val-images", type=int, default=S, help="synthetic: validation images")
+    g.add_argument("--synthetic-size", type=int, default=S, help="synthetic: image side in pixels")
+    g.add_argument("--synthetic-seed", type=int, default=S, help="synthetic: generator seed")
+    g.add_argument("--dataset-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="any other dataset option, repeatable")
+    g.add_argument("--data-augmentation", default=S, help=f"preset: {', '.join(PRESETS)}")
+    g.add_argument("--aspect-ratio-group-factor", type=int, default=S, help="-1 disables grouping")
+    g.add_argument("-j", "--workers", type=int, default=S, help="data loading workers per process")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=S, help=f"one of: {', '.join(model_names())} (default: per dataset)")
+    g.add_argument("--weights", default=S, help="full-model weights: torchvision name (DEFAULT, COCO_V1) or file")
+    g.add_argument("--weights-backbone", default=S, help="backbone weights: torchvision name (DEFAULT) or file")
+    g.add_argument("--trainable-backbone-layers", type=int, default=S, help="0..5")
+    g.add_argument("--min-size", type=int, default=S, help="shorter image side after resizing")
+    g.add_argument("--max-size", type=int, default=S, help="longer image side cap after resizing")
+    g.add_argument("--anchor-sizes", type=_ints, default=S, help="5 anchor sizes, one per FPN level")
+    g.add_argument("--detections-per-img", type=int, default=S,
+                   help="max detections per image; evaluation maxDets follows it")
+    g.add_argument("--rpn-pre-nms-top-n-train", type=int, default=S)
+    g.add_argument("--rpn-post-nms-top-n-train", type=int, default=S)
+    g.add_argument("--rpn-pre-nms-top-n-test", type=int, default=S)
+    g.add_argument("--rpn-post-nms-top-n-test", type=int, default=S)
+    g.add_argument("--box-score-thresh", type=float, default=S)
+    g.add_argument("--box-nms-thresh", type=float, default=S)
+    g.add_argument("--sync-bn", action="store_true", default=S, help="SyncBatchNorm under DDP on CUDA")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N")
+    g.add_argument("-b", "--batch-size", type=int, default=S, help="images per process")
+    g.add_argument("--epochs", type=int, default=S)
+    g.add_argument("--opt", default=S, help="sgd or adamw")
+    g.add_argument("--lr", type=float, default=S, help="base learning rate (for the total batch)")
+    g.add_argument("--momentum", type=float, default=S)
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=S)
+    g.add_argument("--lr-scheduler", default=S, help="multistep or cosine")
+    g.add_argument("--lr-steps", type=_ints, default=S, help="epochs at which multistep decays")
+    g.add_argument("--lr-gamma", type=float, default=S)
+    g.add_argument("--warmup-iters", type=int, default=S)
+    g.add_argument("--warmup-factor", type=float, default=S)
+    g.add_argument("--clip-grad-norm", type=float, default=S, help="max gradient norm, 0 disables")
+    g.add_argument("--amp", action="store_true", default=S, help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    g.add_argument("--max-nonfinite", type=int, default=S, help="consecutive non-finite losses before stopping")
+
+    g = p.add_argument_group("evaluation, checkpoints, run")
+    g.add_argument("--eval-every", type=int, default=S, help="epochs between evaluations (0: only at the end)")
+    g.add_argument("--best-metric", default=S, help=f"one of: {', '.join(BEST_METRICS)}")
+    g.add_argument("--sartorius-score-thresh", type=float, default=S, help="score cut for the Sartorius metric")
+    g.add_argument("--test-only", action="store_true", default=S, help="evaluate --resume/--weights and exit")
+    g.add_argument("--output-dir", default=S, help="parent of run directories")
+    g.add_argument("--name", default=S, help="run directory name (default: timestamp-dataset-model)")
+    g.add_argument("--resume", default=S, help="checkpoint path, or 'auto' for the newest last.pth in --output-dir")
+    g.add_argument("--seed", type=int, default=S)
+    g.add_argument("--deterministic", action="store_true", default=S, help="deterministic algorithms (slower)")
+    g.add_argument("--print-freq", type=int, default=S)
+    # torch.distributed.launch without --use_env passes this; the rank is read from LOCAL_RANK anyway.
+    g.add_argument("--local-rank", "--local_rank", type=int, default=S, help=S)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    given = vars(args).copy()
+    given.pop("local_rank", None)
+    dataset = given.pop("dataset")
+    extra = dict(given.pop("dataset_opt", []))
+    options = {k: given.pop(k) for k in DATASET_FLAGS if k in given}
+    options.update(extra)
+    given.update(dataset=dataset, dataset_options=options)
+    try:
+        defaults = dataset_defaults(dataset)
+    except ValueError as exc:
+        raise ConfigError(f"--dataset: {exc}") from None
+    return resolve_config(given, defaults)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_resume(config: TrainConfig) -> Path | None:
+    if not config.resume:
+        return None
+    if config.resume == "auto":
+        latest = find_latest(config.output_dir)
+        if latest is None:
+            log.info("--resume auto: no checkpoint under %s, starting fresh", config.output_dir)
+        return latest
+    path = Path(config.resume)
+    if not path.is_file():
+        raise ConfigError(f"--resume {path}: no such file (use --resume auto to pick the newest in --output-dir)")
+    return path
+
+
+def make_run_dir(config: TrainConfig, resume_from: Path | None, dist_info) -> Path:
+    if resume_from is not None:
+        return resume_from.parent
+    name = config.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{config.dataset}-{config.model}"
+    name = distributed.broadcast_object(name)  # every rank writes to rank 0's choice
+    run_dir = Path(config.output_dir) / name
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    return run_dir
+
+
+def warn_config_changes(saved: dict, config: TrainConfig) -> None:
+    ignore = {"resume", "epochs", "output_dir", "name", "print_freq", "workers", "eval_every", "test_only", "device"}
+    now = config.to_dict()
+    changed = {k: (saved.get(k), now[k]) for k in now if k not in ignore and saved.get(k) != now[k]}
+    if changed:
+        log.warning("resuming with options that differ from the checkpoint's: %s",
+                    ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items()))
+
+
+def main(args: argparse.Namespace) -> dict:
+    config = config_from_args(args)
+    dist_info, device = distributed.init_distributed(config.device)
+    resume_from = resolve_resume(config)
+    run_dir = make_run_dir(config, resume_from, dist_info)
+    setup_logging(dist_info.is_main, run_dir / "train.log")
+    seed_everything(config.seed + dist_info.rank, config.deterministic)
+    if dist_info.is_main:
+        write_json_atomic(run_dir / "config.json", config.to_dict())
+    log.info("run directory %s; device %s; %d process(es)", run_dir, device, dist_info.world_size)
+
+    options = {"data_path": config.data_path, "seed": config.seed, **config.dataset_options}
+    train_set = build_dataset(config.dataset, "train", options, build_transforms(config.data_augmentation, True))
+    val_set = build_dataset(config.dataset, "val", options, build_transforms(config.data_augmentation, False))
+    class_names = list(train_set.class_names)
+    log.info("dataset %s: %d training / %d validation images, classes %s", config.dataset, len(train_set),
+             len(val_set), class_names)
+
+    model = build_model(config.model, len(class_names), config.model_options(), config.weights,
+                        config.weights_backbone).to(device)
+    model_without_ddp = model
+    if dist_info.distributed:
+        if config.sync_bn and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif config.sync_bn:
+            log.warning("--sync-bn needs CUDA; ignored on %s", device)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model_without_ddp = model.module
+
+    sizes = [train_set.get_image_size(i) for i in range(len(train_set))]
+    batch_sampler = TrainBatchSampler(aspect_ratio_groups(sizes, config.aspect_ratio_group_factor), config.batch_size,
+                                      config.seed, dist_info.rank, dist_info.world_size)
+    loader = train_loader(train_set, batch_sampler, config.seed, config.workers)
+    val = eval_loader(val_set, config.batch_size, config.workers, dist_info.rank, dist_info.world_size)
+    optimizer = build_optimizer(model_without_ddp, config)
+    lr_scheduler = build_lr_scheduler(optimizer, config, len(batch_sampler))
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+
+    trainer = Trainer(config, model, model_without_ddp, optimizer, lr_scheduler, scaler, loader, batch_sampler,
+                      val, val_set.coco_gt(), class_names, device, dist_info, run_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        warn_config_changes(state.get("config", {}), config)
+        trainer.load_state_dict(state)
+        log.info("resumed from %s at epoch %d, iteration %d", resume_from, trainer.start_epoch + 1,
+                 trainer.start_iteration)
+
+    if config.test_only:
+        if resume_from is None and not config.weights:
+            raise ConfigError("--test-only needs a model to evaluate: pass --resume PATH or --weights")
+        report = trainer.evaluate(trainer.start_epoch, save_predictions=True)
+    else:
+        started = time.time()
+        report = trainer.train()
+        log.info("training took %.1f s", time.time() - started)
+    if report and dist_info.is_main:
+        write_json_atomic(run_dir / "report.json", report)
+        flat = headline(report)
+        log.info("final validation: segm AP %.4f  AP50 %.4f  Sartorius score %.4f  (bbox AP %.4f)",
+                 flat.get("segm_AP", float("nan")), flat.get("segm_AP50", float("nan")),
+                 flat.get("sartorius", float("nan")), flat.get("bbox_AP", float("nan")))
+        log.info("run directory: %s", run_dir)
+    return report
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """Parse, run, and turn expected failures into one clear line and an exit status."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+        return 0
+    except (ConfigError, WeightsError, CheckpointError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except ValueError as exc:  # bad data (datasets raise ValueError subclasses naming the file/row)
+        if os.environ.get("MRCNN_TRACEBACK"):
+            raise
+        parser.exit(2, f"{parser.prog}: error: {exc}\n(set MRCNN_TRACEBACK=1 to see the traceback)\n")
+    except TrainingInterrupted as exc:
+        log.warning("interrupted: checkpoint %s written; resume with --resume %s", exc.checkpoint, exc.checkpoint)
+        return 128 + exc.signum
+    except TrainingDiverged as exc:
+        log.error("%s", exc)
+        return 3
+    finally:
+        distributed.shutdown()
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli())
