@@ -32,6 +32,7 @@ from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
 from datasets.imageio import read_image, read_image_size
 from datasets.registry import register_dataset
 from datasets.targets import make_target
+from utils.masks import coco_rles_to_masks
 
 
 def load_json(path: str) -> dict:
@@ -195,10 +196,7 @@ class CocoDataset(torch.utils.data.Dataset):
             labels.append(a["category_id"])
             boxes.append(a["box"])
             areas.append(a["area"])
-        if rles:
-            masks = np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1))
-        else:
-            masks = np.zeros((0, im["height"], im["width"]), dtype=np.uint8)
+        masks = coco_rles_to_masks(rles, im["height"], im["width"])
         return image, make_target(masks, np.asarray(labels), np.asarray(boxes), im["id"], area=np.asarray(areas))
 
     def __getitem__(self, i: int):

@@ -307,3 +307,14 @@ def lazy_zeros(n: int, height: int, width: int) -> np.ndarray:
     if size == 0:
         return np.zeros((n, height, width), dtype=np.uint8)
     return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8).reshape(n, height, width)
+
+
+def coco_rles_to_masks(rles: list[dict], height: int, width: int) -> np.ndarray:
+    """COCO RLEs (compressed or uncompressed) → binary masks ``N×H×W`` uint8, touching only
+    each mask's own pixels of a lazily mapped array (dense images stay cheap; see ``lazy_zeros``)."""
+    masks = lazy_zeros(len(rles), height, width)
+    flat = masks.reshape(len(rles), height * width)
+    for k, rle in enumerate(rles):
+        idx = rle_to_fortran_indices(rle)        # x·H + y, column-major
+        flat[k, (idx % height) * width + idx // height] = 1
+    return masks
