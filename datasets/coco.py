@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from datasets.errors import BadInputLog, DatasetError, as_bool
+from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
 from datasets.imageio import read_image, read_image_size
 from datasets.registry import register_dataset
 from datasets.targets import make_target
+from utils.masks import coco_rles_to_masks
 
 
 def load_json(path: str) -> dict:
@@ -195,22 +196,11 @@ class CocoDataset(torch.utils.data.Dataset):
             labels.append(a["category_id"])
             boxes.append(a["box"])
             areas.append(a["area"])
-        if rles:
-            masks = np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1))
-        else:
-            masks = np.zeros((0, im["height"], im["width"]), dtype=np.uint8)
+        masks = coco_rles_to_masks(rles, im["height"], im["width"])
         return image, make_target(masks, np.asarray(labels), np.asarray(boxes), im["id"], area=np.asarray(areas))
 
     def __getitem__(self, i: int):
-        image, target = self.load(i)
-        if self.transforms is not None:
-            try:
-                image, target = self.transforms(image, target)
-            except DatasetError:
-                raise
-            except Exception as e:
-                raise DatasetError(f"{self.image_path(i)}: transform failed: {type(e).__name__}: {e}") from e
-        return image, target
+        return load_sample(self, i)
 
     def coco_gt(self) -> dict:
         """COCO ground truth of the kept images, all their annotations (crowd and degenerate

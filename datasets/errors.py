@@ -56,3 +56,17 @@ def as_bool(value, default: bool) -> bool:
             return False
         raise DatasetError(f"option value {value!r} is not a boolean")
     return bool(value)
+
+
+def load_sample(dataset, index: int):
+    """``dataset.load(index)`` then ``dataset.transforms``; any failure becomes a ``DatasetError``
+    naming ``dataset.image_path(index)``, so a DataLoader worker never reports a bare traceback."""
+    try:
+        image, target = dataset.load(index)
+        if dataset.transforms is not None:
+            image, target = dataset.transforms(image, target)
+    except DatasetError:
+        raise
+    except Exception as e:
+        raise DatasetError(f"{dataset.image_path(index)}: {type(e).__name__}: {e}") from e
+    return image, target

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from datasets.errors import BadInputLog, DatasetError, as_bool
+from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
 from datasets.imageio import IMAGE_EXTENSIONS, read_image, read_image_size, read_label_image
 from datasets.registry import register_dataset
 from datasets.splits import random_split
@@ -153,15 +153,7 @@ class FolderDataset(torch.utils.data.Dataset):
                                   self.image_ids[i])
 
     def __getitem__(self, i: int):
-        image, target = self.load(i)
-        if self.transforms is not None:
-            try:
-                image, target = self.transforms(image, target)
-            except DatasetError:
-                raise
-            except Exception as e:
-                raise DatasetError(f"{self.image_path(i)}: transform failed: {type(e).__name__}: {e}") from e
-        return image, target
+        return load_sample(self, i)
 
     def coco_gt(self) -> dict:
         """COCO ground truth (compressed RLE). The annotations here are mask files, so this

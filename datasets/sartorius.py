@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from datasets.errors import BadInputLog, DatasetError, as_bool
+from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
 from datasets.imageio import read_image, read_image_size
 from datasets.registry import register_dataset
 from datasets.splits import check_fold, grouped_stratified_folds
@@ -228,15 +228,7 @@ class SartoriusDataset(torch.utils.data.Dataset):
         return image, make_target(masks, labels, boxes, self.image_ids[i], area=area)
 
     def __getitem__(self, i: int):
-        image, target = self.load(i)
-        if self.transforms is not None:
-            try:
-                image, target = self.transforms(image, target)
-            except DatasetError:
-                raise
-            except Exception as e:
-                raise DatasetError(f"{self.image_path(i)}: transform failed: {type(e).__name__}: {e}") from e
-        return image, target
+        return load_sample(self, i)
 
     def coco_gt(self) -> dict:
         """COCO ground truth of these images, from the RLE strings (compressed RLE masks,

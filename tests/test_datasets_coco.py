@@ -46,10 +46,16 @@ def test_targets_and_gt(tmp_path, string_ids, as_dict):
 
 
 def test_gt_loads_in_pycocotools(tmp_path):
-    from metrics.reference import load_coco
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
     path = write_coco(str(tmp_path), num_images=2)
     ds = build_dataset("coco", "val", options(path, tmp_path))
-    coco = load_coco(ds.coco_gt())
+    coco = COCO()
+    coco.dataset = ds.coco_gt()
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
     ann = coco.loadAnns(coco.getAnnIds(imgIds=[ds.image_ids[0]], iscrowd=False))
     masks = np.stack([coco.annToMask(a) for a in ann])
     assert masks.shape[0] == 4 and masks[0].sum() > 0

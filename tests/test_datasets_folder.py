@@ -77,3 +77,14 @@ def test_bad_folders(tmp_path):
         build_dataset("folder", "train", {"data_path": str(tmp_path / "masks")})
     with pytest.raises(DatasetError, match="no val images"):
         build_dataset("folder", "val", {"data_path": str(tmp_path), "val_fraction": 0, "skip_bad": True})
+
+
+def test_unexpected_failures_name_the_file(tmp_path):
+    write_label_folder(str(tmp_path), 2)
+
+    def broken(image, target):
+        raise RuntimeError("boom")
+
+    ds = build_dataset("folder", "train", {"data_path": str(tmp_path), "val_fraction": 0}, broken)
+    with pytest.raises(DatasetError, match=r"images/img_00.png: RuntimeError: boom"):
+        ds[0]

@@ -79,3 +79,13 @@ def test_fill_holes_matches_scipy(masks):
     from scipy.ndimage import binary_fill_holes
     expected = np.stack([binary_fill_holes(m) for m in masks]).astype(np.uint8)
     assert np.array_equal(fill_holes(masks.copy()), expected)
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(arrays(np.uint8, st.tuples(st.integers(0, 4), st.integers(1, 14), st.integers(1, 14)), elements=st.integers(0, 1)))
+def test_coco_rles_to_masks_matches_pycocotools(masks):
+    from utils.masks import coco_rles_to_masks, encode_coco_rle
+    h, w = masks.shape[1:]
+    rles = encode_coco_rle(masks)
+    assert np.array_equal(coco_rles_to_masks(rles, h, w), masks)
+    assert np.array_equal(coco_rles_to_masks([{"size": r["size"], "counts": r["counts"].encode()} for r in rles], h, w), masks)

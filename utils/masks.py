@@ -574,6 +574,17 @@ def lazy_zeros(n: int, height: int, width: int) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8).reshape(n, height, width)
 
 
+def coco_rles_to_masks(rles: list[dict], height: int, width: int) -> np.ndarray:
+    """COCO RLEs (compressed or uncompressed) → binary masks ``N×H×W`` uint8, touching only
+    each mask's own pixels of a lazily mapped array (dense images stay cheap; see ``lazy_zeros``)."""
+    masks = lazy_zeros(len(rles), height, width)
+    flat = masks.reshape(len(rles), height * width)
+    for k, rle in enumerate(rles):
+        idx = rle_to_fortran_indices(rle)        # x·H + y, column-major
+        flat[k, (idx % height) * width + idx // height] = 1
+    return masks
+
+
 def detections_to_coco_results(output: dict[str, Any], image_id: Any,
                                mask_threshold: float = 0.5) -> list[dict]:
     """One image's Mask R-CNN output → COCO results entries.
