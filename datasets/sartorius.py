@@ -274,6 +274,7 @@ SARTORIUS_DEFAULTS = {
     "detections_per_img": 1000,
     "rpn_pre_nms_top_n_train": 4000, "rpn_post_nms_top_n_train": 2000,
     "rpn_pre_nms_top_n_test": 4000, "rpn_post_nms_top_n_test": 3000,
+    "data_augmentation": "cells",
 }
 
 

@@ -130,17 +130,26 @@ class EvalSampler(Sampler):
         return iter(self.indices)
 
 
+def collate_without_masks(batch):
+    """Evaluation needs the images and image ids only (ground truth comes from ``coco_gt()``):
+    dropping the ``N×H×W`` masks in the worker saves moving them through shared memory."""
+    images, targets = collate(batch)
+    return images, tuple({k: v for k, v in t.items() if k != "masks"} for t in targets)
+
+
 def _worker_init(worker_id: int) -> None:
     # Each worker uses one thread: N workers × default threads oversubscribes small machines.
     torch.set_num_threads(1)
 
 
 def train_loader(dataset: Dataset, batch_sampler: TrainBatchSampler, seed: int, workers: int) -> DataLoader:
+    # The loader's own generator keeps worker seeding off the global RNG, whose state the
+    # checkpoint restores: creating an iterator must not shift the training random stream.
     return DataLoader(SeededDataset(dataset, seed), batch_sampler=batch_sampler, num_workers=workers,
                       collate_fn=collate, worker_init_fn=_worker_init if workers else None,
-                      persistent_workers=False)
+                      persistent_workers=False, generator=torch.Generator().manual_seed(seed))
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=EvalSampler(len(dataset), rank, world_size),
-                      num_workers=workers, collate_fn=collate, worker_init_fn=_worker_init if workers else None)
+                      num_workers=workers, collate_fn=collate_without_masks, worker_init_fn=_worker_init if workers else None)
