@@ -102,6 +102,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--rpn-post-nms-top-n-test", type=int, default=S)
     g.add_argument("--box-score-thresh", type=float, default=S)
     g.add_argument("--box-nms-thresh", type=float, default=S)
+    g.add_argument("--box-batch-size-per-image", type=int, default=S,
+                   help="RoIs sampled per image for the box and mask losses (Detectron2's BATCH_SIZE_PER_IMAGE)")
     g.add_argument("--sync-bn", action="store_true", default=S, help="SyncBatchNorm under DDP on CUDA")
 
     g = p.add_argument_group("optimisation")

@@ -40,6 +40,7 @@ class TrainConfig:
     rpn_post_nms_top_n_test: int = 1000
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
+    box_batch_size_per_image: int = 512
     sync_bn: bool = False
     # optimisation
     device: str = "auto"
@@ -143,6 +144,7 @@ def validate(c: TrainConfig) -> None:
     for flag in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test"):
         need(getattr(c, flag) >= 1, f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(c, flag)}")
     need(0 <= c.box_score_thresh < 1, f"--box-score-thresh must be in [0, 1), got {c.box_score_thresh}")
+    need(c.box_batch_size_per_image >= 1, f"--box-batch-size-per-image must be ≥ 1, got {c.box_batch_size_per_image}")
     need(0 < c.box_nms_thresh <= 1, f"--box-nms-thresh must be in (0, 1], got {c.box_nms_thresh}")
     need(c.best_metric in BEST_METRICS, f"--best-metric must be one of {', '.join(BEST_METRICS)}, got {c.best_metric!r}")
     need(c.eval_every >= 0, f"--eval-every must be ≥ 0, got {c.eval_every}")

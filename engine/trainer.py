@@ -58,6 +58,22 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def drop_degenerate_instances(target: dict) -> tuple[dict, int]:
+    """Remove instances whose box has no width or height (torchvision's model raises on them).
+
+    Datasets already drop these; this is the last line of defence against a transform or a
+    custom dataset producing one. Returns the cleaned target and how many were dropped.
+    """
+    boxes = target["boxes"]
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & torch.isfinite(boxes).all(dim=1)
+    dropped = int((~keep).sum())
+    if dropped == 0:
+        return target, 0
+    n = len(boxes)
+    return {k: v[keep] if torch.is_tensor(v) and v.ndim >= 1 and len(v) == n else v
+            for k, v in target.items()}, dropped
+
+
 class Trainer:
     """One model, one optimizer, one data source. ``after_step`` hooks get ``(trainer, epoch, batches_done)``."""
 
@@ -87,6 +103,7 @@ class Trainer:
         self.best_value: float | None = None
         self.last_metrics: dict = {}
         self.nonfinite_total = 0
+        self.degenerate_total = 0
         self._consecutive_nonfinite = 0
         self._stop_signal: int | None = None
 
@@ -191,7 +208,7 @@ class Trainer:
         batches_done = start_iter
         for images, targets in logger.log_every(self.train_loader, total, start=start_iter):
             images = [img.to(self.device, non_blocking=True) for img in images]
-            targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            targets = [self._clean_target(t) for t in targets]
             with autocast_context(self.device, c.amp):
                 loss_dict = self.model(images, targets)
             losses = sum(loss_dict.values())
@@ -227,6 +244,14 @@ class Trainer:
                 log.warning("saved %s at epoch %d, iteration %d/%d; continue with --resume %s", path,
                             epoch + 1, batches_done, total, path)
                 raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, path)
+
+    def _clean_target(self, target: dict) -> dict:
+        target, dropped = drop_degenerate_instances(target)
+        if dropped:
+            self.degenerate_total += dropped
+            log.warning("dropped %d instance(s) with empty or non-finite boxes from image %s (%d so far)",
+                        dropped, target.get("image_id"), self.degenerate_total)
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in target.items()}
 
     def _skip_nonfinite(self, loss_value: float, reduced: dict, epoch: int, batches_done: int) -> None:
         self._consecutive_nonfinite += 1

@@ -36,6 +36,7 @@ class ModelOptions:
     rpn_post_nms_top_n_test: int = 1000
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
+    box_batch_size_per_image: int = 512  # RoIs sampled per image for the box/mask losses
     trainable_backbone_layers: int | None = None  # None: 3 when pretrained, else all 5
 
 
@@ -117,7 +118,8 @@ def assemble_model(name: str, num_classes: int, options: ModelOptions, pretraine
         rpn_pre_nms_top_n_test=options.rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_test=options.rpn_post_nms_top_n_test,
         box_score_thresh=options.box_score_thresh, box_nms_thresh=options.box_nms_thresh,
-        box_detections_per_img=options.detections_per_img, **extra)
+        box_detections_per_img=options.detections_per_img,
+        box_batch_size_per_image=options.box_batch_size_per_image, **extra)
 
 
 def _narrow_fpn(body: nn.Module, trainable_layers: int, width: int) -> BackboneWithFPN:

@@ -154,3 +154,20 @@ def test_sigterm_saves_position_and_exits(tmp_path):
     done = state["epoch"] * 4 + state["iteration"]  # 4 batches per epoch
     assert state["global_step"] == done and done >= steps_logged >= 2
     assert "--resume" in out
+
+
+def test_degenerate_boxes_from_data_never_reach_the_model(tmp_path, monkeypatch):
+    from datasets.synthetic import SyntheticCells
+    getitem = SyntheticCells.__getitem__
+
+    def with_bad_boxes(self, index):
+        image, target = getitem(self, index)
+        boxes = target["boxes"].clone()
+        boxes[0, 2] = boxes[0, 0]              # zero width
+        boxes[1, 3] = boxes[1, 1] - 1          # negative height
+        return image, {**target, "boxes": boxes}
+
+    monkeypatch.setattr(SyntheticCells, "__getitem__", with_bad_boxes)
+    run(tiny_args(tmp_path, "--epochs", "1", "--eval-every", "0", "--name", "degenerate"))
+    assert load_checkpoint(tmp_path / "runs" / "degenerate" / "last.pth")["epoch"] == 1
+    assert "dropped 2 instance(s)" in (tmp_path / "runs" / "degenerate" / "train.log").read_text()
