@@ -79,7 +79,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--synthetic-val-images", type=int, default=S, help="synthetic: validation images")
     g.add_argument("--synthetic-size", type=int, default=S, help="synthetic: image side in pixels")
     g.add_argument("--synthetic-seed", type=int, default=S, help="synthetic: generator seed")
-    g.add_argument("--dataset-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+    g.add_argument("--dataset-opt", "--dataset-option", dest="dataset_opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="any other dataset option, repeatable (docs/datasets.md lists them: train_csv, "
                         "image_dir, fold_seed, check_images, split_seed, class_name)")
     g.add_argument("--data-augmentation", default=S, help=f"preset: {', '.join(PRESETS)}")
