@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 
 import numpy as np
 import torch

@@ -19,7 +19,6 @@ Option keys (``build_dataset("folder", split, options)``):
 """
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 

@@ -9,7 +9,6 @@ from datasets import build_dataset
 from datasets.coco import CocoDataset
 from datasets.errors import DatasetError
 from datasets.testing import write_coco
-from utils.masks import decode_coco_rle
 
 
 def options(path, root):

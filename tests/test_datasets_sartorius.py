@@ -11,7 +11,6 @@ from datasets import build_dataset, dataset_defaults
 from datasets.errors import DatasetError
 from datasets.sartorius import SARTORIUS_DEFAULTS
 from datasets.testing import SARTORIUS_COLUMNS, write_sartorius
-from models.zoo import ModelOptions
 from transforms import build_transforms
 from utils.masks import decode_coco_rle, decode_kaggle_rle
 
@@ -93,8 +92,9 @@ def test_folds_grouped_stratified_deterministic(sartorius_root):
     assert sorted(sum(other, [])) == list(range(18))
 
 
-def test_defaults_are_model_options():
-    fields = set(ModelOptions.__dataclass_fields__)
+def test_defaults_are_config_fields():
+    from engine.config import TrainConfig
+    fields = set(TrainConfig.__dataclass_fields__)
     assert set(dataset_defaults("sartorius")) <= fields and dataset_defaults("sartorius") == SARTORIUS_DEFAULTS
     assert dataset_defaults("sartorius")["detections_per_img"] >= 790
 
