@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from datasets.errors import DatasetError
+from utils.image_files import ImageReadError, decode_image
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -27,27 +28,25 @@ def read_image_size(path: str) -> tuple[int, int]:
     return height, width
 
 
+def _decode(path: str, what: str) -> np.ndarray:
+    """The project's one decoder (utils.image_files), with its errors as ``DatasetError``."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: file not found")
+    try:
+        return decode_image(path)
+    except ImageReadError as e:  # its message already names the file and the problem
+        raise DatasetError(f"{e}; it was read as {what}") from None
+
+
 def read_image(path: str, expected_size: tuple[int, int] | None = None) -> np.ndarray:
     """Decode an image as stored: ``H×W`` or ``H×W×3`` (RGB), uint8 or uint16.
 
     Colour images are converted from OpenCV's BGR to RGB; an alpha channel is dropped.
     ``expected_size`` ``(h, w)`` is checked when given.
     """
-    if not os.path.isfile(path):
-        raise DatasetError(f"{path}: file not found")
-    array = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if array is None:  # cv2 cannot read some TIFF flavours; PIL can
-        try:
-            with Image.open(path) as im:
-                array = np.array(im)
-        except Exception as e:
-            raise DatasetError(f"{path}: corrupt or unsupported image ({e})") from None
-    elif array.ndim == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGB if array.shape[2] == 4 else cv2.COLOR_BGR2RGB)
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if array.ndim not in (2, 3):
-        raise DatasetError(f"{path}: expected a 2-D image, got array of shape {array.shape}")
+    array = _decode(path, "an image")
+    if array.ndim == 3 and array.shape[2] == 4:
+        array = np.ascontiguousarray(array[:, :, :3])  # alpha carries no image content
     if array.dtype not in (np.uint8, np.uint16):
         if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer):
             if array.min() < 0 or array.max() > 65535:
@@ -63,15 +62,7 @@ def read_image(path: str, expected_size: tuple[int, int] | None = None) -> np.nd
 
 def read_label_image(path: str) -> np.ndarray:
     """An instance label image ``H×W`` (integer dtype, 0 = background) as stored."""
-    if not os.path.isfile(path):
-        raise DatasetError(f"{path}: file not found")
-    array = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if array is None:
-        try:
-            with Image.open(path) as im:
-                array = np.array(im)
-        except Exception as e:
-            raise DatasetError(f"{path}: corrupt or unsupported label image ({e})") from None
+    array = _decode(path, "a label image")
     if array.ndim == 3:
         # Binary masks are sometimes saved as RGB(A); any colour channel is the same there.
         array = array[:, :, 0]

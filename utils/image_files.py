@@ -66,6 +66,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     in [0, 1] (min–max) unless already in that range. Multi-page TIFFs give their first page.
     Raises ``ImageReadError`` naming the file.
     """
+    return _normalise_dtype(decode_image(path))
+
+
+def decode_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file → ``H×W`` (gray) or ``H×W×3|4`` (RGB/RGBA), dtype as stored.
+
+    The one decoder of the project (OpenCV, Pillow as fallback); the dataset readers and
+    ``read_image`` add their own dtype policy on top. Raises ``ImageReadError`` naming the file.
+    """
     path = Path(path)
     try:
         data = np.fromfile(path, dtype=np.uint8)     # works for any path encoding
@@ -90,7 +99,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             raise ImageReadError(f"{path}: {channels} channels; expected gray, RGB or RGBA")
     elif image.ndim != 2:
         raise ImageReadError(f"{path}: unexpected image shape {image.shape}")
-    return _normalise_dtype(image)
+    return image
 
 
 def _read_with_pillow(path: Path) -> np.ndarray | None:
