@@ -23,8 +23,9 @@ def read_jsonl(path):
 
 
 def test_quick_run_decreases_loss_and_writes_run_dir(tmp_path):
+    # The synthetic dataset's own optimizer settings (AdamW), as the no-argument run uses them.
     report = run(tiny_args(tmp_path, "--synthetic-train-images", "8", "--epochs", "3", "--name", "quick",
-                           "--lr", "0.02", "--eval-every", "1"))
+                           "--eval-every", "1", dataset_optimizer=True))
     run_dir = tmp_path / "runs" / "quick"
     for name in ("config.json", "last.pth", "best.pth", "metrics.jsonl", "report.json", "eval_report.json",
                  "train.log", "metrics.png"):
@@ -38,7 +39,8 @@ def test_quick_run_decreases_loss_and_writes_run_dir(tmp_path):
     assert len(report["coco"]["segm"]["stats"]) == 12 and "score" in report["sartorius"]
     state = torch.load(run_dir / "last.pth", weights_only=True)
     assert state["epoch"] == 3 and state["iteration"] == 0 and state["class_names"] == ["round", "elongated"]
-    assert json.loads((run_dir / "config.json").read_text())["model"] == "maskrcnn_resnet18_fpn"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"] == "maskrcnn_resnet18_fpn" and config["opt"] == "adamw"
     assert report["max_dets"] == 50  # the evaluator's maxDets follows --detections-per-img
 
 
