@@ -23,7 +23,6 @@ def main() -> None:
     from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
     from engine.evaluation import headline
     from metrics import evaluate_predictions
-    from predict import predict_batch
     from transforms.presets import build_transforms
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,17 +36,12 @@ def main() -> None:
     dataset = build_dataset(config.dataset, "val", {**config.dataset_options, "data_path": config.data_path},
                             build_transforms("none", train=False))
     gt = dataset.coco_gt()
-    device = torch.device("cpu")
     print(f"{args.checkpoint}: {config.model}, {len(dataset)} {config.dataset} validation images, "
           f"max dets {config.detections_per_img}")
     for tta in (False, True):
         start = time.perf_counter()
-        results = []
-        for first in range(0, len(dataset), args.batch_size):
-            items = [dataset[i] for i in range(first, min(first + args.batch_size, len(dataset)))]
-            instances = predict_batch(model, [image for image, _ in items], device, False, tta, 0.5)
-            for (_, target), inst in zip(items, instances):
-                results += inst.to_coco_results(target["image_id"])
+        per_image = predict_split(model, dataset, tta, args.batch_size)
+        results = [r for image_results in per_image.values() for r in image_results]
         seconds = time.perf_counter() - start
         report = evaluate_predictions(gt, results, config.detections_per_img, class_names=dataset.class_names,
                                       sartorius_score_thresh=config.sartorius_score_thresh)
@@ -55,6 +49,18 @@ def main() -> None:
         print(f"tta={'on ' if tta else 'off'}  " + "  ".join(f"{k} {v:.4f}" for k, v in flat.items())
               + f"  ({seconds:.0f} s)")
 
+
+def predict_split(model, dataset, tta: bool, batch_size: int) -> dict:
+    """COCO results of every image of ``dataset`` through predict.py's path, keyed by image id."""
+    from predict import predict_batch
+
+    per_image = {}
+    for first in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(first, min(first + batch_size, len(dataset)))]
+        instances = predict_batch(model, [image for image, _ in items], torch.device("cpu"), False, tta, 0.5)
+        for (_, target), inst in zip(items, instances):
+            per_image[target["image_id"]] = inst.to_coco_results(target["image_id"])
+    return per_image
 
 if __name__ == "__main__":
     main()

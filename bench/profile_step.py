@@ -1,0 +1,58 @@
+"""Where one training step of the quick start spends its CPU time (torch.profiler table).
+
+Builds the model and data exactly as ``python train.py [FLAGS]`` would, takes one fixed batch
+(images 5-8 of the training split, image 7 dense), warms up, times two steps, then profiles one.
+
+    python bench/profile_step.py                      # the no-argument quick start
+    python bench/profile_step.py --box-batch-size-per-image 512
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+
+def main() -> None:
+    import train
+    from datasets import build_dataset
+    from engine.optim import build_optimizer
+    from models import build_model
+    from transforms import build_transforms
+
+    config = train.config_from_args(train.get_args_parser().parse_args(sys.argv[1:]))
+    options = {"data_path": config.data_path, "seed": config.seed, **config.dataset_options}
+    dataset = build_dataset(config.dataset, "train", options, build_transforms(config.data_augmentation, True))
+    model = build_model(config.model, len(dataset.class_names), config.model_options(), config.weights,
+                        config.weights_backbone)
+    model.train()
+    optimizer = build_optimizer(model, config)
+    torch.manual_seed(config.seed)
+    batch = [dataset[i % len(dataset)] for i in range(5, 5 + config.batch_size)]
+    images, targets = [image for image, _ in batch], [target for _, target in batch]
+
+    def step() -> None:
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(2):
+        step()
+    print(f"{config.model}, {config.batch_size} images, {torch.get_num_threads()} threads: "
+          f"{(time.perf_counter() - start) / 2:.3f} s/step")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
