@@ -62,5 +62,6 @@ def predict_split(model, dataset, tta: bool, batch_size: int) -> dict:
             per_image[target["image_id"]] = inst.to_coco_results(target["image_id"])
     return per_image
 
+
 if __name__ == "__main__":
     main()

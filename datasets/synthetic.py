@@ -187,7 +187,7 @@ SYNTHETIC_DEFAULTS = {
     "lr_scheduler": "cosine", "warmup_iters": 20, "clip_grad_norm": 10.0,
     "eval_every": 0, "print_freq": 4,  # one evaluation, at the end: the time goes to training
     # 64 sampled RoIs instead of 512 (and RPN top-k 1000 in training) cut the CPU step by ~3×:
-    # RoIAlign's backward dominates it.
+    # at 512, torchvision's single-threaded RoIAlign backward dominated it.
     "box_batch_size_per_image": 64,
     "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 1000,
     "min_size": 256, "max_size": 256,
