@@ -15,18 +15,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def subset(gt: dict, image_ids: set) -> dict:
-    return {"images": [im for im in gt["images"] if im["id"] in image_ids],
-            "annotations": [a for a in gt["annotations"] if a["image_id"] in image_ids],
-            "categories": gt["categories"]}
-
-
 def main() -> None:
     from bench.eval_tta import predict_split
     from datasets import build_dataset
     from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
     from engine.evaluation import headline
     from metrics import evaluate_predictions
+    from tools.sartorius_to_coco import subset  # the COCO dict restricted to some image ids
     from transforms.presets import build_transforms
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
