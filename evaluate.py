@@ -125,12 +125,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> tuple[dict, dict | None, li
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = _dataset_options(args)
-    max_dets = args.max_dets
-    if max_dets is None:
-        from datasets import dataset_defaults
-        max_dets = int(dataset_defaults(args.dataset).get("detections_per_img", 100))
+    # Without --max-dets the checkpoint's own detections per image (what training evaluated at).
     report, results = engine_evaluate_checkpoint(args.checkpoint, args.dataset, options, device,
-                                                 args.batch_size, max_dets, args.save_predictions)
+                                                 args.batch_size, args.max_dets, args.save_predictions)
     gt = None
     if args.search:
         from datasets import build_dataset

@@ -85,8 +85,9 @@ def resolve_checkpoint(checkpoint: str | None, runs_dir: str) -> tuple[Path, str
 
 
 def load_model(path: Path, device: torch.device, box_score_thresh: float, detections_per_img: int | None):
-    """Checkpoint → (eval-mode model on ``device``, class names)."""
+    """Checkpoint → (eval-mode model on ``device``, class names, preprocessing contract)."""
     from engine.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
+    from transforms.preprocess import Preprocessing
 
     try:
         state = load_checkpoint(path)
@@ -102,7 +103,7 @@ def load_model(path: Path, device: torch.device, box_score_thresh: float, detect
         raise PredictError(f"checkpoint {path} does not match this code's models "
                            f"({type(exc).__name__}: {exc})") from exc
     class_names = list(state.get("class_names") or [])
-    return model.to(device).eval(), class_names
+    return model.to(device).eval(), class_names, Preprocessing.from_config(state["config"])
 
 
 def load_postprocess(path: str) -> Callable[[list[dict], int, int], list[dict]]:
@@ -171,6 +172,11 @@ class Progress:
 # ------------------------------------------------------------------------------- run
 
 
+def model_view(image: torch.Tensor):
+    """Model input ``3×H×W`` in [0, 1] → ``H×W×3`` uint8 for the overlay."""
+    return (image.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
 def predict_batch(model, images: list[torch.Tensor], device: torch.device, amp: bool, tta: bool,
                   mask_thresh: float):
     """Float ``3×H×W`` images → one ``Instances`` per image (all detections, score-descending)."""
@@ -192,7 +198,8 @@ def main(args: argparse.Namespace) -> int:
     import cv2
 
     from engine.distributed import resolve_device
-    from utils.image_files import ImageReadError, expand_inputs, read_image, to_model_input
+    from transforms.preprocess import to_model_input
+    from utils.image_files import ImageReadError, decode_image, expand_inputs
     from utils.writers import (render_overlay, submission_rows, write_label_image, write_png,
                                write_predictions_json, write_submission_csv)
     from utils.instances import Instances
@@ -220,7 +227,7 @@ def main(args: argparse.Namespace) -> int:
             device = resolve_device(args.device, 0)
         except RuntimeError as exc:
             raise PredictError(str(exc)) from exc
-        model, class_names = load_model(checkpoint, device, args.score_thresh, args.detections_per_img)
+        model, class_names, contract = load_model(checkpoint, device, args.score_thresh, args.detections_per_img)
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -237,15 +244,17 @@ def main(args: argparse.Namespace) -> int:
         batch = []
         for path, name in zip(paths[start:start + args.batch_size], names[start:start + args.batch_size]):
             try:
-                batch.append((name, read_image(path)))
-            except ImageReadError as exc:
-                print(f"\nerror: {exc}", file=sys.stderr)
-                failures.append(str(exc))
+                # The checkpoint's preprocessing contract: the input its training and validation saw.
+                batch.append((name, to_model_input(decode_image(path), contract)))
+            except ValueError as exc:     # ImageReadError names the file; the contract's errors don't
+                message = str(exc) if isinstance(exc, ImageReadError) else f"{path}: {exc}"
+                print(f"\nerror: {message}", file=sys.stderr)
+                failures.append(message)
                 progress.update()
         if not batch:
             continue
-        predictions = predict_batch(model, [to_model_input(image) for _, image in batch], device,
-                                    args.amp, args.tta, args.mask_thresh)
+        predictions = predict_batch(model, [image for _, image in batch], device, args.amp, args.tta,
+                                    args.mask_thresh)
         for (name, image), instances in zip(batch, predictions):
             height, width = instances.image_size
             if "json" in formats or postprocess is not None:
@@ -261,8 +270,8 @@ def main(args: argparse.Namespace) -> int:
             if "labels" in formats:
                 write_label_image(out_dir / f"{name}_labels", labels)
             if "overlay" in formats:
-                write_png(out_dir / f"{name}_overlay.png",
-                          render_overlay(image, labels, final if args.overlay_text else None, class_names))
+                write_png(out_dir / f"{name}_overlay.png",    # drawn on what the model saw
+                          render_overlay(model_view(image), labels, final if args.overlay_text else None, class_names))
             if "csv" in formats:
                 rows += submission_rows(name, final)
             progress.update()

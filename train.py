@@ -8,27 +8,34 @@ Every flag left unset takes the dataset's default (datasets/<format>.py), then T
 """
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-import sys
 import time
-from pathlib import Path
 
-import torch
+PROCESS_START = time.time()   # --max-time counts the whole run, imports included
 
-from datasets import build_dataset, dataset_defaults, dataset_names
-from engine import distributed
-from engine.checkpoint import CheckpointError, find_latest, load_checkpoint
-from engine.config import BEST_METRICS, ConfigError, TrainConfig, resolve_config
-from engine.data import TrainBatchSampler, aspect_ratio_groups, eval_loader, train_loader
-from engine.evaluation import headline
-from engine.logging import setup_logging
-from engine.optim import build_lr_scheduler, build_optimizer
-from engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted
-from models import WeightsError, build_model, model_names
-from transforms import PRESETS, build_transforms
-from utils.io import write_json_atomic
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from datasets import build_dataset, dataset_defaults, dataset_names  # noqa: E402
+from datasets.statistics import check_objects, recommend_sizes, statistics_from_coco  # noqa: E402
+from engine import distributed  # noqa: E402
+from engine.budget import format_duration, parse_duration  # noqa: E402
+from engine.checkpoint import CheckpointError, find_latest, load_checkpoint  # noqa: E402
+from engine.config import BEST_METRICS, ConfigError, TrainConfig, resolve_config  # noqa: E402
+from engine.data import TrainBatchSampler, aspect_ratio_groups, eval_loader, train_loader  # noqa: E402
+from engine.evaluation import headline  # noqa: E402
+from engine.logging import setup_logging  # noqa: E402
+from engine.optim import build_lr_scheduler, build_optimizer, plan_schedule  # noqa: E402
+from engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted  # noqa: E402
+from models import WeightsError, build_model, model_names  # noqa: E402
+from transforms import PRESETS, build_transforms  # noqa: E402
+from transforms.preprocess import CHANNEL_MODES, INTENSITY_POLICIES, Preprocessing, image_channels  # noqa: E402
+from utils.io import write_json_atomic  # noqa: E402
 
 log = logging.getLogger("trainer")
 
@@ -43,6 +50,13 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.replace(",", " ").split())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -83,17 +97,28 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="any other dataset option, repeatable (docs/datasets.md lists them: train_csv, "
                         "image_dir, fold_seed, check_images, split_seed, class_name)")
     g.add_argument("--data-augmentation", default=S, help=f"preset: {', '.join(PRESETS)}")
+    g.add_argument("--intensity", default=S,
+                   help=f"16-bit and float images: {' or '.join(INTENSITY_POLICIES)} (per-image 0.5–99.5th "
+                        "percentiles, or the dtype's full range); 8-bit is always ÷255")
+    g.add_argument("--channels", default=S,
+                   help=f"auto, {' or '.join(CHANNEL_MODES)}: what the model sees (auto: from the first training image)")
+    g.add_argument("--min-epoch-iters", type=int, default=S,
+                   help="a tiny dataset is repeated within an epoch up to this many iterations")
     g.add_argument("--aspect-ratio-group-factor", type=int, default=S, help="-1 disables grouping")
     g.add_argument("-j", "--workers", type=int, default=S, help="data loading workers per process")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=S, help=f"one of: {', '.join(model_names())} (default: per dataset)")
+    g.add_argument("--model", default=S, help=f"one of: {', '.join(model_names())} (default: the dataset's, else R50-FPN on a GPU, R18-FPN on CPU)")
     g.add_argument("--weights", default=S, help="full-model weights: torchvision name (DEFAULT, COCO_V1) or file")
     g.add_argument("--weights-backbone", default=S, help="backbone weights: torchvision name (DEFAULT) or file")
     g.add_argument("--trainable-backbone-layers", type=int, default=S, help="0..5")
-    g.add_argument("--min-size", type=int, default=S, help="shorter image side after resizing")
-    g.add_argument("--max-size", type=int, default=S, help="longer image side cap after resizing")
-    g.add_argument("--anchor-sizes", type=_ints, default=S, help="5 anchor sizes, one per FPN level")
+    g.add_argument("--input-scale", type=float, default=S,
+                   help="resize every input by this factor, crops and whole images alike (default: from the data's "
+                        "object sizes unless --min-size/--max-size/--anchor-sizes are given)")
+    g.add_argument("--min-size", type=int, default=S, help="torchvision's resize: shorter image side (COCO convention)")
+    g.add_argument("--max-size", type=int, default=S, help="torchvision's resize: longer image side cap")
+    g.add_argument("--anchor-sizes", type=_ints, default=S,
+                   help="5 anchor sizes, one per FPN level (default: from the data's object sizes)")
     g.add_argument("--detections-per-img", type=int, default=S,
                    help="max detections per image; evaluation maxDets follows it")
     g.add_argument("--rpn-pre-nms-top-n-train", type=int, default=S)
@@ -109,22 +134,30 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N")
     g.add_argument("-b", "--batch-size", type=int, default=S, help="images per process")
-    g.add_argument("--epochs", type=int, default=S)
+    g.add_argument("--epochs", type=int, default=S, help="default 26, or as many as --max-time allows")
+    g.add_argument("--max-time", type=_duration, default=S,
+                   help="wall-time budget of the whole run (8m, 1h30m, 600): the run length is fixed from the "
+                        "measured speed of the first steps so that training and the final evaluation fit")
     g.add_argument("--opt", default=S, help="sgd or adamw")
-    g.add_argument("--lr", type=float, default=S, help="learning rate, used as given (not scaled by batch size or process count)")
+    g.add_argument("--lr", type=float, default=S, help="learning rate, used as given (not scaled by batch size or process "
+                   "count); default 0.02 for sgd, 0.001 for adamw")
     g.add_argument("--momentum", type=float, default=S)
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=S)
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=S,
+                   help="default 1e-4 for sgd, 0.05 for adamw")
     g.add_argument("--lr-scheduler", default=S, help="multistep or cosine")
-    g.add_argument("--lr-steps", type=_ints, default=S, help="epochs at which multistep decays")
+    g.add_argument("--lr-steps", type=_ints, default=S,
+                   help="epochs at which multistep decays (default: at 16/26 and 22/26 of the run)")
     g.add_argument("--lr-gamma", type=float, default=S)
-    g.add_argument("--warmup-iters", type=int, default=S)
+    g.add_argument("--warmup-iters", type=int, default=S, help="default: 5 %% of the run, at most 1000")
     g.add_argument("--warmup-factor", type=float, default=S)
     g.add_argument("--clip-grad-norm", type=float, default=S, help="max gradient norm, 0 disables")
     g.add_argument("--amp", action="store_true", default=S, help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     g.add_argument("--max-nonfinite", type=int, default=S, help="consecutive non-finite losses before stopping")
 
     g = p.add_argument_group("evaluation, checkpoints, run")
-    g.add_argument("--eval-every", type=int, default=S, help="epochs between evaluations (0: only at the end)")
+    g.add_argument("--eval-every", type=int, default=S,
+                   help="epochs between evaluations (0: only at the end; default: about 4 per run, only the final "
+                        "one with --max-time)")
     g.add_argument("--best-metric", default=S, help=f"one of: {', '.join(BEST_METRICS)}")
     g.add_argument("--sartorius-score-thresh", type=float, default=S, help="score cut for the Sartorius metric")
     g.add_argument("--test-only", action="store_true", default=S, help="evaluate --resume/--weights and exit")
@@ -139,18 +172,47 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+# Options the data's object and image sizes choose when neither the user nor the dataset's
+# defaults fix them (datasets/statistics.py). Giving any of the geometry keys fixes the geometry.
+GEOMETRY_KEYS = ("input_scale", "min_size", "max_size", "anchor_sizes")
+CAP_KEYS = ("detections_per_img", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
+            "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train")
+
+
+def pinned_options(args: argparse.Namespace) -> set[str]:
+    """Options fixed by a flag or by the dataset's defaults (the rest may come from the data)."""
+    given = set(vars(args))
+    try:
+        given |= set(dataset_defaults(args.dataset, dataset_options(args)))
+    except ValueError:
+        pass
+    return given
+
+
+def dataset_options(args: argparse.Namespace) -> dict:
+    given = vars(args)
+    options = {k: given[k] for k in DATASET_FLAGS if k in given}
+    options.update(dict(given.get("dataset_opt", [])))
+    return options
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = vars(args).copy()
     given.pop("local_rank", None)
     dataset = given.pop("dataset")
-    extra = dict(given.pop("dataset_opt", []))
-    options = {k: given.pop(k) for k in DATASET_FLAGS if k in given}
-    options.update(extra)
+    options = dataset_options(args)
+    given.pop("dataset_opt", None)
+    for k in DATASET_FLAGS:
+        given.pop(k, None)
     given.update(dataset=dataset, dataset_options=options)
     try:
-        defaults = dataset_defaults(dataset)
+        defaults = dataset_defaults(dataset, options)
     except ValueError as exc:
         raise ConfigError(f"--dataset: {exc}") from None
+    if {"min_size", "max_size"} & set(given):
+        if "input_scale" in given:
+            raise ConfigError("--input-scale replaces --min-size/--max-size: give one or the other")
+        defaults.pop("input_scale", None)   # the user asked for torchvision's resize
     return resolve_config(given, defaults)
 
 
@@ -193,7 +255,8 @@ def make_run_dir(config: TrainConfig, resume_from: Path | None, dist_info) -> Pa
 
 
 def warn_config_changes(saved: dict, config: TrainConfig) -> None:
-    ignore = {"resume", "epochs", "output_dir", "name", "print_freq", "workers", "eval_every", "test_only", "device"}
+    ignore = {"resume", "epochs", "output_dir", "name", "print_freq", "workers", "eval_every", "test_only", "device",
+              "max_time"}
     now = config.to_dict()
     changed = {k: (saved.get(k), now[k]) for k in now if k not in ignore and saved.get(k) != now[k]}
     if changed:
@@ -201,23 +264,83 @@ def warn_config_changes(saved: dict, config: TrainConfig) -> None:
                     ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items()))
 
 
+def resolve_from_data(config: TrainConfig, pinned: set[str], train_set) -> TrainConfig:
+    """Fill what the data decides: channels from the first training image, and sizes and caps
+    from the annotations' object statistics for the options nothing else fixed. Also stops on
+    data no model can learn from (every object tiny, or every object the whole image)."""
+    changes: dict = {}
+    if config.channels == "auto":
+        image, _ = train_set[0]   # no transforms yet: the image as stored
+        changes["channels"] = image_channels(image)
+        log.info("channels: %s (from %s)", changes["channels"], _first_image_name(train_set))
+    open_geometry = not (pinned & set(GEOMETRY_KEYS))
+    open_caps = [k for k in CAP_KEYS if k not in pinned]
+    if open_geometry or open_caps:
+        started = time.time()
+        stats = statistics_from_coco(train_set.coco_gt())
+        check_objects(stats, f"training data of --dataset {config.dataset} ({config.data_path or 'built in'})")
+        recommended, reasons = recommend_sizes(stats)
+        log.info("data: %s (%.1f s)", stats.describe(), time.time() - started)
+        keys = [*(("input_scale", "anchor_sizes") if open_geometry else ()), *open_caps]
+        for key in keys:
+            changes[key] = recommended[key]
+        for line in reasons:
+            if line.split(" ")[0] in ("input", "anchors") and not open_geometry:
+                continue
+            if line.startswith("detections") and "detections_per_img" not in open_caps:
+                continue
+            log.info("sizes from the data: %s", line)
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def _first_image_name(dataset) -> str:
+    path = getattr(dataset, "image_path", None)
+    return str(path(0)) if callable(path) else "image 0"
+
+
+def plan_run(config: TrainConfig, iters_per_epoch: int, resuming: bool):
+    """The LR schedule and, for a fresh run with ``--max-time``, the deadline of the whole run."""
+    if config.max_time is None:
+        return plan_schedule(config, iters_per_epoch, (config.epochs or 26) * iters_per_epoch), None
+    # Provisional until the first steps are measured (engine/budget.py); a resumed run gets the
+    # stored, fixed plan from its checkpoint instead.
+    provisional = plan_schedule(config, iters_per_epoch, (config.epochs or 26) * iters_per_epoch, fixed=False)
+    deadline = None if resuming else PROCESS_START + config.max_time
+    return provisional, deadline
+
+
 def main(args: argparse.Namespace) -> dict:
     config = config_from_args(args)
+    pinned = pinned_options(args)
     dist_info, device = distributed.init_distributed(config.device)
     resume_from = resolve_resume(config)
     run_dir = make_run_dir(config, resume_from, dist_info)
     setup_logging(dist_info.is_main, run_dir / "train.log")
     seed_everything(config.seed + dist_info.rank, config.deterministic)
-    if dist_info.is_main:
-        write_json_atomic(run_dir / "config.json", config.to_dict())
     log.info("run directory %s; device %s; %d process(es)", run_dir, device, dist_info.world_size)
 
     options = {"data_path": config.data_path, "seed": config.seed, **config.dataset_options}
-    train_set = build_dataset(config.dataset, "train", options, build_transforms(config.data_augmentation, True))
-    val_set = build_dataset(config.dataset, "val", options, build_transforms(config.data_augmentation, False))
+    train_set = build_dataset(config.dataset, "train", options, None)
+    val_set = build_dataset(config.dataset, "val", options, None)
     class_names = list(train_set.class_names)
     log.info("dataset %s: %d training / %d validation images, classes %s", config.dataset, len(train_set),
              len(val_set), class_names)
+    state = load_checkpoint(resume_from) if resume_from is not None else None
+    if state is None:
+        config = resolve_from_data(config, pinned, train_set)
+    else:   # the data decided these when the run started; the checkpoint keeps them
+        saved = state.get("config", {})
+        config = dataclasses.replace(config, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()
+                                                if k in (*GEOMETRY_KEYS, *CAP_KEYS, "channels", "model")
+                                                and k not in pinned})
+    contract = Preprocessing.from_config(config.to_dict())
+    train_set.transforms = build_transforms(config.data_augmentation, True, contract)
+    val_set.transforms = build_transforms(config.data_augmentation, False, contract)
+    if dist_info.is_main:
+        write_json_atomic(run_dir / "config.json", config.to_dict())
+    log.info("model %s, %s; preprocessing: %s, 16-bit/float intensity %s", config.model,
+             f"input scale {config.input_scale}" if config.input_scale is not None else
+             f"resize to min_size {config.min_size} / max_size {config.max_size}", contract.channels, contract.intensity)
 
     model = build_model(config.model, len(class_names), config.model_options(), config.weights,
                         config.weights_backbone).to(device)
@@ -232,17 +355,24 @@ def main(args: argparse.Namespace) -> dict:
 
     sizes = [train_set.get_image_size(i) for i in range(len(train_set))]
     batch_sampler = TrainBatchSampler(aspect_ratio_groups(sizes, config.aspect_ratio_group_factor), config.batch_size,
-                                      config.seed, dist_info.rank, dist_info.world_size)
+                                      config.seed, dist_info.rank, dist_info.world_size,
+                                      min_batches=config.min_epoch_iters)
+    if batch_sampler.passes > 1:
+        log.info("%d training images: each epoch repeats them %d times (%d iterations; --min-epoch-iters %d)",
+                 len(train_set), batch_sampler.passes, len(batch_sampler), config.min_epoch_iters)
     loader = train_loader(train_set, batch_sampler, config.seed, config.workers)
     val = eval_loader(val_set, config.batch_size, config.workers, dist_info.rank, dist_info.world_size)
     optimizer = build_optimizer(model_without_ddp, config)
-    lr_scheduler = build_lr_scheduler(optimizer, config, len(batch_sampler))
+    schedule, deadline = plan_run(config, len(batch_sampler), resume_from is not None)
+    lr_scheduler = build_lr_scheduler(optimizer, schedule)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    if deadline is not None:
+        log.info("time budget %s: %s used before the first step", format_duration(config.max_time),
+                 format_duration(time.time() - PROCESS_START))
 
     trainer = Trainer(config, model, model_without_ddp, optimizer, lr_scheduler, scaler, loader, batch_sampler,
-                      val, val_set.coco_gt(), class_names, device, dist_info, run_dir)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
+                      val, val_set.coco_gt(), class_names, device, dist_info, run_dir, schedule, deadline)
+    if state is not None:
         warn_config_changes(state.get("config", {}), config)
         trainer.load_state_dict(state)
         log.info("resumed from %s at epoch %d, iteration %d", resume_from, trainer.start_epoch + 1,

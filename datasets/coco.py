@@ -233,6 +233,7 @@ def coco_paths(split: str, options: dict) -> tuple[str, str]:
 
 # torchvision's Mask R-CNN defaults, stated so that `--dataset coco` never inherits cell settings.
 COCO_DEFAULTS = {
+    "model": "maskrcnn_resnet50_fpn",
     "min_size": 800, "max_size": 1333,
     "anchor_sizes": (32, 64, 128, 256, 512),
     "detections_per_img": 100,
@@ -241,7 +242,20 @@ COCO_DEFAULTS = {
 }
 
 
-@register_dataset("coco", defaults=COCO_DEFAULTS)
+# Cells and other own data in COCO format: sizes and caps from its annotations, microscopy
+# training settings (the folder format's; see datasets/folder.py).
+OWN_COCO_DEFAULTS = {"data_augmentation": "cells", "opt": "adamw", "lr_scheduler": "cosine",
+                     "box_batch_size_per_image": 128}
+
+
+def coco_defaults(options: dict) -> dict:
+    """COCO 2017 (``data_path`` layout) follows torchvision's recipe; annotation files given
+    explicitly are a user's own data, whose sizes come from its annotations."""
+    own = options.get("train_ann") and not options.get("data_path")
+    return dict(OWN_COCO_DEFAULTS if own else COCO_DEFAULTS)
+
+
+@register_dataset("coco", defaults=coco_defaults)
 def build_coco(split: str, options: dict, transforms=None) -> CocoDataset:
     ann, images = coco_paths(split, options)
     keep_empty = split == "val" or as_bool(options.get("keep_empty"), False)

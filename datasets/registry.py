@@ -7,15 +7,18 @@ _BUILDERS: dict[str, Callable[..., Any]] = {}
 _DEFAULTS: dict[str, dict[str, Any]] = {}
 
 
-def register_dataset(name: str, defaults: dict[str, Any] | None = None):
+def register_dataset(name: str, defaults: dict[str, Any] | Callable[[dict], dict] | None = None):
     """Register ``builder(split, options, transforms) -> dataset`` under ``name``.
 
     ``defaults`` are model/training options that suit this kind of data (image size, anchor
-    sizes, detections per image); flags the user gave explicitly always win.
+    sizes, detections per image), or a function of the dataset options returning them (COCO
+    2017 keeps torchvision's recipe, other COCO-format data gets sizes from its annotations);
+    flags the user gave explicitly always win. Size options left out of them are chosen
+    from the data (datasets/statistics.py).
     """
     def wrap(builder):
         _BUILDERS[name] = builder
-        _DEFAULTS[name] = dict(defaults or {})
+        _DEFAULTS[name] = defaults if callable(defaults) else dict(defaults or {})
         return builder
     return wrap
 
@@ -24,9 +27,10 @@ def dataset_names() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def dataset_defaults(name: str) -> dict[str, Any]:
+def dataset_defaults(name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     _check(name)
-    return dict(_DEFAULTS[name])
+    defaults = _DEFAULTS[name]
+    return dict(defaults(dict(options or {})) if callable(defaults) else defaults)
 
 
 def build_dataset(name: str, split: str, options: dict[str, Any], transforms=None):

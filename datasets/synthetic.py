@@ -190,7 +190,7 @@ SYNTHETIC_DEFAULTS = {
     # at 512, torchvision's single-threaded RoIAlign backward dominated it.
     "box_batch_size_per_image": 64,
     "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 1000,
-    "min_size": 256, "max_size": 256,
+    "input_scale": 1.0,   # native pixels: the cells below are sized for them
     # Cells are 9-14 px across in the dense images and 12-50 px elsewhere: with 12 px anchors at
     # stride 4 a third of the dense cells have an anchor of IoU ≥ 0.7 (8 px anchors: 6 %).
     "anchor_sizes": (12, 24, 48, 96, 192),

@@ -23,15 +23,19 @@ class TrainConfig:
     data_path: str | None = None
     dataset_options: dict = field(default_factory=dict)   # format-specific keys, passed through
     data_augmentation: str = "hflip"
+    intensity: str = "percentile"                           # 16-bit/float images: per-image percentiles or full range
+    channels: str = "auto"                                  # gray or rgb; auto: from the first training image
+    min_epoch_iters: int = 16                               # tiny datasets repeat within an epoch up to this
     aspect_ratio_group_factor: int = 3                      # -1 disables grouping
     workers: int = 2
     # model
-    model: str = "maskrcnn_resnet50_fpn"
+    model: str | None = None                                # None: R50-FPN on CUDA, R18-FPN on CPU
     weights: str | None = None
     weights_backbone: str | None = None
     trainable_backbone_layers: int | None = None
-    min_size: int = 800
+    min_size: int = 800                                     # torchvision's resize, when input_scale is None
     max_size: int = 1333
+    input_scale: float | None = None                        # fixed input scale factor (replaces min/max size)
     anchor_sizes: tuple = (32, 64, 128, 256, 512)
     detections_per_img: int = 100
     rpn_pre_nms_top_n_train: int = 2000
@@ -45,21 +49,22 @@ class TrainConfig:
     # optimisation
     device: str = "auto"
     batch_size: int = 2                                     # images per process
-    epochs: int = 26
+    epochs: int | None = None                               # None: 26, or what --max-time allows
+    max_time: float | None = None                           # seconds of wall time for the whole run
     opt: str = "sgd"
-    lr: float = 0.02
+    lr: float | None = None                                 # None: 0.02 for SGD, 0.001 for AdamW
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: float | None = None                       # None: 1e-4 for SGD, 0.05 for AdamW
     lr_scheduler: str = "multistep"
-    lr_steps: tuple = (16, 22)                              # epochs, for multistep
+    lr_steps: tuple | None = None                           # epochs; None: at 16/26 and 22/26 of the run
     lr_gamma: float = 0.1
-    warmup_iters: int = 1000
+    warmup_iters: int | None = None                         # None: 5 % of the run, at most 1000
     warmup_factor: float = 0.001
     clip_grad_norm: float = 0.0                             # 0 disables
     amp: bool = False
     max_nonfinite: int = 5                                  # consecutive non-finite losses before stopping
     # evaluation and checkpoints
-    eval_every: int = 1                                     # epochs; 0 only at the end
+    eval_every: int | None = None                           # epochs; 0 only at the end; None: about 4 per run
     best_metric: str = "segm_AP"
     sartorius_score_thresh: float = 0.5
     test_only: bool = False
@@ -110,7 +115,33 @@ def resolve_config(explicit: dict[str, Any], dataset_defaults: dict[str, Any]) -
     merged = {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
     config = TrainConfig(**merged)
     validate(config)
-    return config
+    return dataclasses.replace(config, **resolved_defaults(config))
+
+
+# What an AdamW or SGD run needs differs by an order of magnitude; a flag left unset gets its
+# optimizer's value (SGD: torchvision's COCO recipe; AdamW: from-scratch cell runs, docs/benchmarks.md).
+OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.02, "weight_decay": 1e-4}, "adamw": {"lr": 1e-3, "weight_decay": 0.05}}
+# On a CPU an R50-FPN step costs ~4× an R18-FPN one: in minutes of CPU the small model learns more.
+DEVICE_MODELS = {"cuda": "maskrcnn_resnet50_fpn", "cpu": "maskrcnn_resnet18_fpn"}
+
+
+def device_kind(device: str) -> str:
+    """``"cuda"`` or ``"cpu"``: what ``--device`` resolves to on this machine."""
+    if device == "auto":
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def resolved_defaults(c: TrainConfig) -> dict[str, Any]:
+    """Values for the options left ``None`` that depend on other options (optimizer, device)."""
+    out: dict[str, Any] = {}
+    for key, value in OPTIMIZER_DEFAULTS[c.opt].items():
+        if getattr(c, key) is None:
+            out[key] = value
+    if c.model is None:
+        out["model"] = DEVICE_MODELS[device_kind(c.device)]
+    return out
 
 
 def validate(c: TrainConfig) -> None:
@@ -119,21 +150,32 @@ def validate(c: TrainConfig) -> None:
             raise ConfigError(message)
 
     from models.zoo import check_model_name
-    try:
-        check_model_name(c.model)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    if c.model is not None:
+        try:
+            check_model_name(c.model)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     need(c.batch_size >= 1, f"--batch-size must be ≥ 1, got {c.batch_size}")
-    need(c.epochs >= 1, f"--epochs must be ≥ 1, got {c.epochs}")
-    need(c.lr > 0, f"--lr must be > 0, got {c.lr}")
+    need(c.epochs is None or c.epochs >= 1, f"--epochs must be ≥ 1, got {c.epochs}")
+    need(c.lr is None or c.lr > 0, f"--lr must be > 0, got {c.lr}")
     need(c.workers >= 0, f"--workers must be ≥ 0, got {c.workers}")
-    need(c.weight_decay >= 0, f"--wd must be ≥ 0, got {c.weight_decay}")
+    need(c.weight_decay is None or c.weight_decay >= 0, f"--wd must be ≥ 0, got {c.weight_decay}")
     need(0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum}")
     need(c.opt in ("sgd", "adamw"), f"--opt must be sgd or adamw, got {c.opt!r}")
     need(c.lr_scheduler in ("multistep", "cosine"), f"--lr-scheduler must be multistep or cosine, got {c.lr_scheduler!r}")
-    need(all(s > 0 for s in c.lr_steps), f"--lr-steps must be positive epochs, got {list(c.lr_steps)}")
+    need(c.lr_steps is None or all(s > 0 for s in c.lr_steps),
+         f"--lr-steps must be positive epochs, got {list(c.lr_steps or ())}")
     need(0 < c.lr_gamma <= 1, f"--lr-gamma must be in (0, 1], got {c.lr_gamma}")
-    need(c.warmup_iters >= 0, f"--warmup-iters must be ≥ 0, got {c.warmup_iters}")
+    need(c.warmup_iters is None or c.warmup_iters >= 0, f"--warmup-iters must be ≥ 0, got {c.warmup_iters}")
+    need(c.max_time is None or c.max_time > 0, f"--max-time must be > 0, got {c.max_time}")
+    need(c.min_epoch_iters >= 1, f"--min-epoch-iters must be ≥ 1, got {c.min_epoch_iters}")
+    need(c.input_scale is None or 0.05 <= c.input_scale <= 20,
+         f"--input-scale must be a factor in 0.05..20, got {c.input_scale}")
+    from transforms.preprocess import CHANNEL_MODES, INTENSITY_POLICIES
+    need(c.intensity in INTENSITY_POLICIES, f"--intensity must be one of {', '.join(INTENSITY_POLICIES)}, "
+         f"got {c.intensity!r}")
+    need(c.channels == "auto" or c.channels in CHANNEL_MODES,
+         f"--channels must be auto, {' or '.join(CHANNEL_MODES)}, got {c.channels!r}")
     need(0 < c.warmup_factor <= 1, f"--warmup-factor must be in (0, 1], got {c.warmup_factor}")
     need(c.clip_grad_norm >= 0, f"--clip-grad-norm must be ≥ 0 (0 disables), got {c.clip_grad_norm}")
     need(c.detections_per_img >= 1, f"--detections-per-img must be ≥ 1, got {c.detections_per_img}")
@@ -147,7 +189,7 @@ def validate(c: TrainConfig) -> None:
     need(c.box_batch_size_per_image >= 1, f"--box-batch-size-per-image must be ≥ 1, got {c.box_batch_size_per_image}")
     need(0 < c.box_nms_thresh <= 1, f"--box-nms-thresh must be in (0, 1], got {c.box_nms_thresh}")
     need(c.best_metric in BEST_METRICS, f"--best-metric must be one of {', '.join(BEST_METRICS)}, got {c.best_metric!r}")
-    need(c.eval_every >= 0, f"--eval-every must be ≥ 0, got {c.eval_every}")
+    need(c.eval_every is None or c.eval_every >= 0, f"--eval-every must be ≥ 0, got {c.eval_every}")
     need(c.print_freq >= 1, f"--print-freq must be ≥ 1, got {c.print_freq}")
     need(c.max_nonfinite >= 1, f"--max-nonfinite must be ≥ 1, got {c.max_nonfinite}")
     need(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),

@@ -69,12 +69,16 @@ def aspect_ratio_groups(sizes: Sequence[tuple[int, int]], group_factor: int) -> 
 class TrainBatchSampler(Sampler):
     """Shuffled, sharded over ranks, grouped by aspect ratio, deterministic per epoch, resumable.
 
-    Every rank gets ``ceil(ceil(N / world) / batch_size)`` batches, so ranks never wait on each
-    other at the end of an epoch. ``start_batch`` skips batches already trained (for resume;
+    Every rank gets ``ceil(ceil(M / world) / batch_size)`` batches, so ranks never wait on each
+    other at the end of an epoch. ``M`` is the dataset size ``N``, or for a tiny dataset as many
+    passes over it (each freshly shuffled) as give every rank at least ``min_batches`` batches:
+    three images would otherwise make epochs of two steps, each paying for loader start-up,
+    a checkpoint and an evaluation. ``start_batch`` skips batches already trained (for resume;
     it applies to the first epoch iterated only).
     """
 
-    def __init__(self, groups: Sequence[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, groups: Sequence[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 min_batches: int = 1):
         self.groups = list(groups)
         self.batch_size = batch_size
         self.seed = seed
@@ -82,6 +86,8 @@ class TrainBatchSampler(Sampler):
         self.world_size = world_size
         self.epoch = 0
         self.start_batch = 0
+        n = max(len(self.groups), 1)
+        self.passes = max(1, math.ceil(min_batches * batch_size * world_size / n))
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = epoch
@@ -89,7 +95,7 @@ class TrainBatchSampler(Sampler):
 
     def _shard(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
-        order = torch.randperm(len(self.groups), generator=g).tolist()
+        order = [i for _ in range(self.passes) for i in torch.randperm(len(self.groups), generator=g).tolist()]
         per_rank = math.ceil(len(order) / self.world_size)
         order += order[: per_rank * self.world_size - len(order)]  # pad by repeating, as DistributedSampler
         return order[self.rank::self.world_size]
@@ -107,7 +113,7 @@ class TrainBatchSampler(Sampler):
         return full
 
     def __len__(self) -> int:
-        return math.ceil(math.ceil(len(self.groups) / self.world_size) / self.batch_size)
+        return math.ceil(math.ceil(self.passes * len(self.groups) / self.world_size) / self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for batch in self.batches()[self.start_batch:]:

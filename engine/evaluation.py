@@ -46,6 +46,19 @@ def predict_loader(model: torch.nn.Module, loader, device: torch.device, amp: bo
     return per_image
 
 
+@torch.inference_mode()
+def time_one_prediction(model: torch.nn.Module, dataset, device: torch.device, amp: bool = False) -> float:
+    """Seconds to load, predict and convert ``dataset[0]`` (what evaluation pays per image);
+    leaves ``model`` in eval mode."""
+    start = time.perf_counter()
+    image, target = dataset[0]
+    model.eval()
+    with autocast_context(device, amp):
+        output = detect(model, [image.to(device)])[0]
+    detections_to_coco_results(output, target["image_id"])
+    return time.perf_counter() - start
+
+
 def gather_results(per_image: dict[Any, list[dict]]) -> list[dict]:
     """All ranks' results, one entry per image id (the first rank's copy wins), on every rank."""
     merged: dict[Any, list[dict]] = {}
@@ -84,25 +97,30 @@ def headline(report: dict) -> dict[str, float]:
 
 
 def evaluate_checkpoint(checkpoint_path: str, dataset_name: str, dataset_options: dict, device: str,
-                        batch_size: int, max_dets: int, save_predictions: str | None = None,
+                        batch_size: int, max_dets: int | None, save_predictions: str | None = None,
                         workers: int = 2) -> tuple[dict, list[dict]]:
     """Evaluate a training checkpoint on the validation split of ``dataset_name`` (evaluate.py's model mode).
 
     Runs under torchrun as well: each rank predicts its shard, rank 0 scores and writes.
-    The model's detections per image is raised to ``max_dets`` so model and evaluator agree.
+    The model's detections per image is set to ``max_dets`` so model and evaluator agree
+    (``None``: the checkpoint's own).
     """
     from datasets import build_dataset
     from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
     from engine.data import eval_loader
     from transforms import build_transforms
+    from transforms.preprocess import Preprocessing
     from utils.io import write_json_atomic
 
     info, dev = distributed.init_distributed(device)
     state = load_checkpoint(checkpoint_path)
-    model, config = build_model_from_checkpoint(state, detections_per_img=max_dets)
+    model, config = build_model_from_checkpoint(state, **({"detections_per_img": max_dets} if max_dets else {}))
+    max_dets = config.detections_per_img
     model.to(dev)
     options = {"seed": config.seed, **config.dataset_options, **dataset_options}
-    dataset = build_dataset(dataset_name, "val", options, build_transforms("none", False))
+    # The checkpoint's preprocessing contract, exactly as the trainer's validation applied it.
+    dataset = build_dataset(dataset_name, "val", options,
+                            build_transforms("none", False, Preprocessing.from_config(state["config"])))
     if list(dataset.class_names) != list(state["class_names"]):
         raise ValueError(f"checkpoint {checkpoint_path} was trained on classes {state['class_names']}, but "
                          f"--dataset {dataset_name} has {list(dataset.class_names)}")

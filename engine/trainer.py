@@ -17,10 +17,12 @@ import numpy as np
 import torch
 
 from engine import distributed
+from engine.budget import StepTimer, budget_total_iters, format_duration
 from engine.checkpoint import save_checkpoint
 from engine.config import TrainConfig
-from engine.evaluation import autocast_context, evaluate_model, headline
+from engine.evaluation import autocast_context, evaluate_model, headline, time_one_prediction
 from engine.logging import MetricLogger, MetricsWriter, plot_metrics
+from engine.optim import Schedule, plan_schedule
 from utils.io import write_json_atomic
 
 log = logging.getLogger("trainer")
@@ -75,13 +77,21 @@ def drop_degenerate_instances(target: dict) -> tuple[dict, int]:
 
 
 class Trainer:
-    """One model, one optimizer, one data source. ``after_step`` hooks get ``(trainer, epoch, batches_done)``."""
+    """One model, one optimizer, one data source. ``after_step`` hooks get ``(trainer, epoch, batches_done)``.
+
+    The run is ``schedule.total_iters`` iterations long (the last epoch may be partial); with a
+    ``deadline`` (``--max-time``) that number is fixed after the first measured steps.
+    """
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
                  optimizer, lr_scheduler, scaler, train_loader, batch_sampler, val_loader, val_gt: dict,
                  class_names: list[str], device: torch.device, dist_info: distributed.DistInfo, run_dir: Path,
-                 after_step: list[Callable] | None = None):
+                 schedule: Schedule, deadline: float | None = None, after_step: list[Callable] | None = None):
         self.config = config
+        self.schedule = schedule
+        self.deadline = deadline
+        self.timer = StepTimer()
+        self._eval_reserve: float | None = None
         self.model = model
         self.model_without_ddp = model_without_ddp
         self.optimizer = optimizer
@@ -124,6 +134,7 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
             "class_names": self.class_names,
             "model_name": self.config.model,
+            "schedule": self.schedule.to_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -136,6 +147,7 @@ class Trainer:
         self.best_value = state.get("best_value")
         self.last_metrics = state.get("metrics", {})
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self._restore_schedule(state.get("schedule"))
         rng = state.get("rng") or []
         if len(rng) == self.dist.world_size:
             restore_rng(rng[self.dist.rank])
@@ -171,24 +183,72 @@ class Trainer:
             signal.signal(sig, handler)
         return previous
 
+    def _restore_schedule(self, saved: dict | None) -> None:
+        """A resumed run keeps its stored plan: always when a budget fixed it, and otherwise
+        unless the run was lengthened or shortened (``--epochs``), which re-plans the curve."""
+        if not saved:
+            log.warning("checkpoint has no stored LR schedule (older format): planning it from the flags")
+            return
+        stored = Schedule.from_dict(saved)
+        budgeted = self.deadline is not None or (stored.fixed and self.config.max_time is not None)
+        if budgeted and stored.fixed:
+            self._set_schedule(stored)
+        elif stored.total_iters == self.schedule.total_iters:
+            self._set_schedule(stored)
+        else:
+            log.warning("the checkpoint's run was %d iterations, this one is %d: the LR schedule is re-planned "
+                        "(%s)", stored.total_iters, self.schedule.total_iters, self.schedule.describe(self.config.lr))
+
+    def _set_schedule(self, schedule: Schedule) -> None:
+        # The LambdaLR reads self.schedule's fields at every step: update in place.
+        for key, value in vars(schedule).items():
+            setattr(self.schedule, key, value)
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return len(self.batch_sampler)
+
+    @property
+    def num_epochs(self) -> int:
+        return math.ceil(self.schedule.total_iters / self.iters_per_epoch)
+
+    def _eval_every(self) -> int:
+        """Epochs between evaluations: the flag, else about four per run (only the final one when
+        a time budget is set: evaluation time is better spent training)."""
+        if self.config.eval_every is not None:
+            return self.config.eval_every
+        if self.config.max_time is not None:
+            return 0
+        return max(1, math.ceil(self.num_epochs / 4))
+
     # -- loop -------------------------------------------------------------------------------
     def train(self) -> dict:
-        """Train to ``config.epochs``; return the final evaluation report (may be empty)."""
+        """Train to ``schedule.total_iters``; return the final evaluation report (may be empty)."""
         previous = self._install_signal_handlers()
         report: dict = {}
+        log.info("%s", self.schedule.describe(self.config.lr) if self.schedule.fixed else
+                 f"time budget {format_duration(self.config.max_time)}: the run length is fixed after "
+                 f"measuring the first steps")
         try:
-            for epoch in range(self.start_epoch, self.config.epochs):
-                start_iter = self.start_iteration if epoch == self.start_epoch else 0
-                self.train_one_epoch(epoch, start_iter)
-                self.save("last.pth", epoch + 1, 0)
-                last = epoch + 1 == self.config.epochs
-                if last or (self.config.eval_every and (epoch + 1) % self.config.eval_every == 0):
-                    report = self.evaluate(epoch + 1)
-                    self._maybe_save_best(epoch + 1)
-                    self.save("last.pth", epoch + 1, 0)  # again, now holding the metrics and best value
-            if not report and self.start_epoch >= self.config.epochs:
-                log.info("nothing to train: the checkpoint is already at epoch %d of %d", self.start_epoch,
-                         self.config.epochs)
+            epoch, start_iter = self.start_epoch, self.start_iteration
+            if self.global_step >= self.schedule.total_iters:
+                log.info("nothing to train: the checkpoint is already at iteration %d of %d", self.global_step,
+                         self.schedule.total_iters)
+            while self.global_step < self.schedule.total_iters:
+                batches_done = self.train_one_epoch(epoch, start_iter)
+                start_iter = 0
+                finished = self.global_step >= self.schedule.total_iters
+                if finished and batches_done < self.iters_per_epoch:
+                    log.info("training ends at iteration %d (batch %d of epoch %d), as planned", self.global_step,
+                             batches_done, epoch + 1)
+                if batches_done >= self.iters_per_epoch:
+                    epoch, batches_done = epoch + 1, 0
+                self.save("last.pth", epoch, batches_done)
+                every = self._eval_every()
+                if finished or (every and batches_done == 0 and epoch % every == 0):
+                    report = self.evaluate(epoch)
+                    self._maybe_save_best(epoch)
+                    self.save("last.pth", epoch, batches_done)  # again, now holding the metrics and best value
         finally:
             for sig, h in previous.items():
                 signal.signal(sig, h)
@@ -199,12 +259,14 @@ class Trainer:
                     log.info("plot of losses and metrics: %s", plot)
         return report
 
-    def train_one_epoch(self, epoch: int, start_iter: int) -> None:
+    def train_one_epoch(self, epoch: int, start_iter: int) -> int:
+        """Train from batch ``start_iter`` of ``epoch`` to its end or to the run's last iteration;
+        return the number of batches of this epoch done."""
         c = self.config
         self.model.train()
         self.batch_sampler.set_epoch(epoch, start_iter)
-        total = len(self.batch_sampler)
-        logger = MetricLogger(self.device, c.print_freq, header=f"epoch {epoch + 1}/{c.epochs}")
+        total = self.iters_per_epoch
+        logger = MetricLogger(self.device, c.print_freq, header=f"epoch {epoch + 1}/{self.num_epochs}")
         batches_done = start_iter
         for images, targets in logger.log_every(self.train_loader, total, start=start_iter):
             images = [img.to(self.device, non_blocking=True) for img in images]
@@ -232,7 +294,8 @@ class Trainer:
 
             lr = self.optimizer.param_groups[0]["lr"]
             logger.update(loss=loss_value, lr=lr, **{k: float(v) for k, v in reduced.items()})
-            if self.global_step % c.print_freq == 0 or batches_done == total:
+            last_step = self.global_step >= self.schedule.total_iters
+            if self.global_step % c.print_freq == 0 or batches_done == total or last_step:
                 self.writer.write({"type": "train", "epoch": epoch, "iteration": batches_done,
                                    "step": self.global_step, "lr": lr, "loss": loss_value,
                                    **{k: float(v) for k, v in reduced.items()}, "time": time.time()},
@@ -244,6 +307,62 @@ class Trainer:
                 log.warning("saved %s at epoch %d, iteration %d/%d; continue with --resume %s", path,
                             epoch + 1, batches_done, total, path)
                 raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, path)
+            self._track_time()
+            if self.global_step >= self.schedule.total_iters and batches_done < total:
+                break   # the run ends inside this epoch (a time budget chose its length)
+        return batches_done
+
+    # -- run length -------------------------------------------------------------------------
+    def _track_time(self) -> None:
+        """After the first measured steps: fix the run length (with a budget) and print the ETA;
+        later, with a budget, stop early if the machine slowed down."""
+        self.timer.step_done()
+        if self.timer.just_measured:
+            seconds = self.timer.seconds_per_step()
+            if self.deadline is not None and not self.schedule.fixed:
+                self._fix_budget(seconds)
+            remaining = (self.schedule.total_iters - self.global_step) * seconds
+            log.info("%.2f s/step: %d iterations left (%d epochs of %d), training ends in about %s; the whole "
+                     "run (with evaluations) in about %s", seconds, self.schedule.total_iters - self.global_step,
+                     self.num_epochs, self.iters_per_epoch, format_duration(remaining),
+                     format_duration(remaining + self._estimate_eval_seconds() * (1 + self._evaluations_left())))
+        elif self.deadline is not None and self.schedule.fixed and self._eval_reserve is not None:
+            late = time.time() > self.deadline - self._eval_reserve
+            if distributed.any_rank(late, self.device) and self.global_step < self.schedule.total_iters:
+                log.warning("the time budget is nearly spent (this machine got slower than measured): training "
+                            "stops at iteration %d of %d to leave time for the final evaluation",
+                            self.global_step, self.schedule.total_iters)
+                self.schedule.total_iters = self.global_step
+
+    def _evaluations_left(self) -> int:
+        every = self._eval_every()
+        if not every:
+            return 0
+        done_epochs = self.global_step // self.iters_per_epoch
+        return max(0, (self.num_epochs - 1) // every - done_epochs // every)
+
+    def _fix_budget(self, seconds_per_step: float) -> None:
+        reserve = self._estimate_eval_seconds()
+        self._eval_reserve = reserve
+        total = budget_total_iters(self.global_step, seconds_per_step, self.deadline, reserve)
+        if self.config.epochs is not None:
+            total = min(total, self.config.epochs * self.iters_per_epoch)
+        total = distributed.broadcast_object(total)   # every rank stops at the same iteration
+        self._set_schedule(plan_schedule(self.config, self.iters_per_epoch, total, fixed=True))
+        log.info("time budget: %.2f s/step measured, final evaluation estimated at %s → %s", seconds_per_step,
+                 format_duration(reserve), self.schedule.describe(self.config.lr))
+
+    def _estimate_eval_seconds(self) -> float:
+        """Seconds the final evaluation will take: one validation image predicted and timed here,
+        times this rank's share of the validation set, plus scoring."""
+        if getattr(self, "_eval_estimate", None) is None:
+            dataset = self.val_loader.dataset
+            n = math.ceil(len(dataset) / self.dist.world_size)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                per_image = time_one_prediction(self.model_without_ddp, dataset, self.device, self.config.amp)
+            self.model.train()
+            self._eval_estimate = distributed.broadcast_object(n * per_image * 1.25 + 2.0)
+        return self._eval_estimate
 
     def _clean_target(self, target: dict) -> dict:
         target, dropped = drop_degenerate_instances(target)

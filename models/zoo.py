@@ -21,12 +21,15 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from models.scale import ScaleTransform
+
 
 @dataclass(frozen=True)
 class ModelOptions:
     """Options that shape the detector; dense cell images need the caps raised together."""
     min_size: int = 800
     max_size: int = 1333
+    input_scale: float | None = None  # set: resize every input by this factor (min/max_size unused)
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
     anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     detections_per_img: int = 100
@@ -110,7 +113,7 @@ def assemble_model(name: str, num_classes: int, options: ModelOptions, pretraine
             "box_head": FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d),
             "mask_head": MaskRCNNHeads(backbone.out_channels, [256] * 4, 1, norm_layer=nn.BatchNorm2d),
         }
-    return MaskRCNN(
+    model = MaskRCNN(
         backbone, num_classes=num_classes, min_size=options.min_size, max_size=options.max_size,
         rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=options.rpn_pre_nms_top_n_train,
@@ -120,6 +123,9 @@ def assemble_model(name: str, num_classes: int, options: ModelOptions, pretraine
         box_score_thresh=options.box_score_thresh, box_nms_thresh=options.box_nms_thresh,
         box_detections_per_img=options.detections_per_img,
         box_batch_size_per_image=options.box_batch_size_per_image, **extra)
+    if options.input_scale is not None:
+        model.transform = ScaleTransform(options.input_scale, model.transform.image_mean, model.transform.image_std)
+    return model
 
 
 def _narrow_fpn(body: nn.Module, trainable_layers: int, width: int) -> BackboneWithFPN:

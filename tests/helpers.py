@@ -3,7 +3,7 @@ from __future__ import annotations
 
 TINY = ["--dataset", "synthetic", "--synthetic-size", "96", "--synthetic-train-images", "4",
         "--synthetic-val-images", "2", "--model", "maskrcnn_resnet18_fpn", "--min-size", "96", "--max-size", "96",
-        "-b", "2", "-j", "0", "--print-freq", "1", "--warmup-iters", "2",
+        "-b", "2", "-j", "0", "--print-freq", "1", "--warmup-iters", "2", "--min-epoch-iters", "1",
         "--detections-per-img", "50", "--rpn-pre-nms-top-n-test", "200", "--rpn-post-nms-top-n-test", "200",
         "--rpn-pre-nms-top-n-train", "200", "--rpn-post-nms-top-n-train", "200"]
 

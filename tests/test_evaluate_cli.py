@@ -136,7 +136,7 @@ def test_checkpoint_mode_calls_the_engine(monkeypatch, tmp_path, capsys):
 
     def fake(checkpoint_path, dataset_name, dataset_options, device, batch_size, max_dets, save_predictions):
         calls.update(locals())
-        return evaluate_predictions(gt, results, max_dets), results
+        return evaluate_predictions(gt, results, max_dets or 500), results   # the engine reads the checkpoint's
 
     module = types.ModuleType("engine.evaluation")
     module.evaluate_checkpoint = fake
@@ -145,5 +145,5 @@ def test_checkpoint_mode_calls_the_engine(monkeypatch, tmp_path, capsys):
                          "--dataset-option", "fold=0", "--device", "cpu", "--out", str(tmp_path / "r.json"))
     assert code == 0, err
     assert calls["dataset_options"] == {"data_path": "/data", "fold": "0"}
-    assert calls["max_dets"] == 500 and calls["device"] == "cpu"   # the synthetic dataset's detections per image
+    assert calls["max_dets"] is None and calls["device"] == "cpu"   # the checkpoint's own detections per image
     assert json.loads((tmp_path / "r.json").read_text())["max_dets"] == 500

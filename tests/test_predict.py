@@ -16,7 +16,8 @@ import predict
 from datasets.synthetic import SyntheticSpec, render_image
 from engine.checkpoint import save_checkpoint
 from engine.config import TrainConfig
-from utils.image_files import expand_inputs, read_image, to_model_input
+from transforms.preprocess import Preprocessing, to_model_input
+from utils.image_files import decode_image, expand_inputs
 from utils.masks import decode_coco_rle, decode_kaggle_rle, label_image_to_box_masks
 from utils.writers import read_label_image, render_overlay, write_label_image
 
@@ -75,8 +76,9 @@ def write_inputs(folder: Path) -> dict[str, np.ndarray]:
 
 def test_every_input_kind_reads_back(tmp_path):
     kinds = write_inputs(tmp_path)
+    contract = Preprocessing()
     for name, expected in kinds.items():
-        image = read_image(tmp_path / name)
+        image = decode_image(tmp_path / name)
         assert image.shape == expected.shape, name
         assert image.dtype == expected.dtype, name
         if name.endswith((".jpg", ".jpeg")):
@@ -87,18 +89,13 @@ def test_every_input_kind_reads_back(tmp_path):
             assert np.allclose(means, expected_means, atol=3), name
         else:
             assert np.array_equal(image, expected), name
-        tensor = to_model_input(image)
+        tensor = to_model_input(image, contract)
         assert tensor.shape == (3,) + expected.shape[:2] and tensor.dtype == torch.float32
         assert 0.0 <= float(tensor.min()) and float(tensor.max()) <= 1.0
-    # 8- and 16-bit versions of one image give the same model input.
-    assert torch.allclose(to_model_input(read_image(tmp_path / "gray8.png")),
-                          to_model_input(read_image(tmp_path / "gray16.png")), atol=1e-6)
-
-
-def test_float_tiff_is_rescaled(tmp_path):
-    Image.fromarray(np.linspace(-5, 500, 96 * 120, dtype=np.float32).reshape(96, 120)).save(tmp_path / "f.tif")
-    image = read_image(tmp_path / "f.tif")
-    assert image.dtype == np.float32 and image.min() == 0.0 and image.max() == 1.0
+    # 8- and 16-bit versions of one image give the same model input with the full-range policy.
+    full = Preprocessing(intensity="full")
+    assert torch.allclose(to_model_input(decode_image(tmp_path / "gray8.png"), full),
+                          to_model_input(decode_image(tmp_path / "gray16.png"), full), atol=1e-6)
 
 
 def test_expand_inputs_files_folders_globs(tmp_path):
@@ -319,7 +316,7 @@ def test_detect_matches_torchvision_forward(checkpoint):
 
     model, _ = build_model_from_checkpoint(load_checkpoint(checkpoint))
     model.eval()
-    images = [to_model_input(synthetic_image(4)), to_model_input(synthetic_image(5, 80, 64))]
+    images = [to_model_input(synthetic_image(4), Preprocessing()), to_model_input(synthetic_image(5, 80, 64), Preprocessing())]
     with torch.inference_mode():
         reference = model(images)
     fast = detect(model, images)

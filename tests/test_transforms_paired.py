@@ -121,18 +121,6 @@ def test_crop_keeps_partly_visible_instances():
     assert clipped > 0
 
 
-def test_to_float_image_conversions():
-    gray16 = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 300)
-    full, _ = ToFloatImage()(gray16, {})
-    assert full.shape == (3, 3, 4) and full.dtype == torch.float32 and abs(full.max().item() - 3300 / 65535) < 1e-6
-    pct, _ = ToFloatImage(uint16="percentile")(gray16, {})
-    assert pct.min() == 0.0 and pct.max() == 1.0
-    rgba = np.zeros((2, 2, 4), np.uint8)
-    rgba[..., 0] = 255
-    out, _ = ToFloatImage()(rgba, {})
-    assert out.shape == (3, 2, 2) and out[0].min() == 1.0 and out[1].max() == 0.0
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_on_dense_sample(preset):
     label, target = make_sample(11, 120, 150, 60)

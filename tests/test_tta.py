@@ -103,11 +103,11 @@ def test_cluster_boxes_orders_by_score():
 def test_predict_tta_on_a_model(tmp_path):
     from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
     from test_predict import make_checkpoint, synthetic_image
-    from utils.image_files import to_model_input
+    from transforms.preprocess import Preprocessing, to_model_input
 
     model, _ = build_model_from_checkpoint(load_checkpoint(make_checkpoint(tmp_path / "c.pth")))
     model.eval()
-    images = [to_model_input(synthetic_image(1))]
+    images = [to_model_input(synthetic_image(1), Preprocessing())]
     fused = predict_tta(model, images)
     assert len(fused) == 1 and fused[0].image_size == (96, 120)
     assert 0 < len(fused[0]) <= model.roi_heads.detections_per_img

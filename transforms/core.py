@@ -1,8 +1,9 @@
 """Paired image/target transforms. Each takes and returns ``(image, target)``.
 
-Datasets hand over the image as a numpy array (H×W or H×W×C, uint8/uint16/float) and the
-target as tensors; ``ToFloatImage`` (always first in a preset) turns the image into a float32
-``3×H×W`` tensor in [0, 1], so every later transform works on tensors only.
+Datasets hand over the image as a numpy array (H×W or H×W×C, as stored) and the target as
+tensors; ``ToFloatImage`` (always first in a preset) applies the preprocessing contract
+(``transforms.preprocess``) to make a float32 ``3×H×W`` tensor in [0, 1], so every later
+transform works on tensors only.
 
 Targets keep the contract of docs/architecture.md through every transform: ``masks`` uint8
 ``N×H×W`` matching the image size, ``boxes`` float32 ``N×4`` xyxy (exclusive max edge),
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from transforms.preprocess import Preprocessing, to_model_input
 from utils.masks import lazy_zeros
 
 # Target entries with one row per instance; transforms that drop instances index all of them.
@@ -102,47 +104,14 @@ class Compose:
 
 
 class ToFloatImage:
-    """numpy/tensor image → float32 ``3×H×W`` in [0, 1]; grayscale repeated to 3 channels.
+    """numpy/tensor image → float32 ``3×H×W`` in [0, 1] by the preprocessing contract
+    (``transforms.preprocess``): the same conversion at training, validation and prediction."""
 
-    uint8 is divided by 255. uint16 is divided by 65535 (``uint16="full"``) or, with
-    ``uint16="percentile"``, mapped per image from its 0.5th..99.5th percentile to [0, 1] —
-    microscopy cameras often fill only 12 of the 16 bits, which "full" leaves near black.
-    float input is assumed to be in [0, 1] already.
-    """
-
-    def __init__(self, uint16: str = "full"):
-        if uint16 not in ("full", "percentile"):
-            raise ValueError(f"uint16 must be 'full' or 'percentile', got {uint16!r}")
-        self.uint16 = uint16
+    def __init__(self, contract: Preprocessing | None = None):
+        self.contract = contract if contract is not None else Preprocessing()
 
     def __call__(self, image, target):
-        if isinstance(image, torch.Tensor):
-            array = image.numpy() if image.ndim == 2 else image.permute(1, 2, 0).numpy()
-        else:
-            array = np.asarray(image)
-        if array.dtype == np.uint8:
-            out = torch.from_numpy(array.astype(np.float32) / 255.0)
-        elif array.dtype == np.uint16:
-            out = torch.from_numpy(self._scale_uint16(array))
-        else:
-            out = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-        if out.ndim == 2:
-            out = out[None].expand(3, -1, -1)
-        else:
-            out = out.permute(2, 0, 1)
-            if out.shape[0] == 1:
-                out = out.expand(3, -1, -1)
-            elif out.shape[0] == 4:  # RGBA: drop alpha
-                out = out[:3]
-        return out.contiguous(), target
-
-    def _scale_uint16(self, array: np.ndarray) -> np.ndarray:
-        if self.uint16 == "full":
-            return array.astype(np.float32) / 65535.0
-        low, high = np.percentile(array, (0.5, 99.5))
-        if high <= low:
-            high = low + 1.0
-        return np.clip((array.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+        return to_model_input(image, self.contract), target
 
 
 def _flip_masks(masks: torch.Tensor, boxes: torch.Tensor, axis: int) -> torch.Tensor:

@@ -4,23 +4,29 @@
   hflip  horizontal flip (torchvision's detection reference default)
   cells  microscopy: scale jitter 0.75–1.5 at native resolution with a random crop of up to
          ``crop_size`` (partly visible cells kept), h/v flips, 90° rotations, and
-         gamma/contrast/brightness jitter; 16-bit images scaled by percentiles (train and eval)
+         gamma/contrast/brightness jitter
   lsj    large-scale jitter (COCO): scale 0.1–2.0 of a ``lsj_size`` square, crop/pad to it, hflip
-Evaluation always gets the deterministic part only (the float conversion).
+Evaluation always gets the deterministic part only: the preprocessing contract
+(``transforms.preprocess``), which is the same whatever the preset.
 """
 from __future__ import annotations
 
 from transforms.core import (ColorJitter, Compose, RandomHorizontalFlip, RandomRot90, RandomScaleCrop,
                              RandomVerticalFlip, ToFloatImage)
+from transforms.preprocess import Preprocessing
 
 PRESETS = ("none", "hflip", "cells", "lsj")
 
 
-def build_transforms(preset: str, train: bool, crop_size: int = 512, lsj_size: int = 1024) -> Compose:
-    """Transforms for ``preset``; ``train=False`` gives the evaluation transforms of that preset."""
+def build_transforms(preset: str, train: bool, contract: Preprocessing | None = None, crop_size: int = 512,
+                     lsj_size: int = 1024) -> Compose:
+    """Transforms for ``preset``; ``train=False`` gives the evaluation transforms of that preset.
+
+    ``contract`` is the preprocessing the model is trained with (default: ``Preprocessing()``).
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown --data-augmentation {preset!r}; choose one of: {', '.join(PRESETS)}")
-    steps = [ToFloatImage(uint16="percentile" if preset == "cells" else "full")]
+    steps = [ToFloatImage(contract)]
     if not train:
         return Compose(steps)
     if preset == "hflip":

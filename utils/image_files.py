@@ -1,7 +1,8 @@
 """Images for prediction: expand files, folders and globs; read any microscope/camera image.
 
-Reading keeps the pixel data as stored (uint8 or uint16, grayscale/RGB/RGBA); the model input
-is made by ``transforms.core.ToFloatImage``, the same conversion training used.
+Reading keeps the pixel data as stored (any dtype, gray/RGB/RGBA/2-channel); the model input is
+made from it by the checkpoint's preprocessing contract (``transforms.preprocess``), the same
+conversion training used.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -59,21 +59,11 @@ def expand_inputs(arguments: list[str]) -> tuple[list[Path], list[str]]:
     return paths, problems
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file → ``H×W`` or ``H×W×C`` array (RGB/RGBA channel order).
-
-    dtype: uint8 or uint16 as stored; other integer and float images are rescaled to float32
-    in [0, 1] (min–max) unless already in that range. Multi-page TIFFs give their first page.
-    Raises ``ImageReadError`` naming the file.
-    """
-    return _normalise_dtype(decode_image(path))
-
-
 def decode_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an image file → ``H×W`` (gray) or ``H×W×3|4`` (RGB/RGBA), dtype as stored.
 
-    The one decoder of the project (OpenCV, Pillow as fallback); the dataset readers and
-    ``read_image`` add their own dtype policy on top. Raises ``ImageReadError`` naming the file.
+    The one decoder of the project (OpenCV, Pillow as fallback); the dataset readers add their
+    checks on top. Raises ``ImageReadError`` naming the file.
     """
     path = Path(path)
     try:
@@ -115,25 +105,3 @@ def _read_with_pillow(path: Path) -> np.ndarray | None:
     if array.ndim == 3 and array.shape[2] in (3, 4):   # undo the BGR swap read_image applies
         array = array[:, :, ::-1] if array.shape[2] == 3 else array[:, :, [2, 1, 0, 3]]
     return np.ascontiguousarray(array)
-
-
-def _normalise_dtype(image: np.ndarray) -> np.ndarray:
-    if image.dtype in (np.uint8, np.uint16):
-        return image
-    if image.dtype == bool:
-        return image.astype(np.uint8) * 255
-    values = image.astype(np.float32)
-    if not np.isfinite(values).all():
-        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = float(values.min()), float(values.max())
-    if image.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
-        return values
-    return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
-
-
-def to_model_input(image: np.ndarray) -> torch.Tensor:
-    """Array from ``read_image`` → float32 ``3×H×W`` tensor in [0, 1] (as in training)."""
-    from transforms.core import ToFloatImage
-
-    tensor, _ = ToFloatImage()(image, None)
-    return tensor

@@ -1,0 +1,71 @@
+"""A wall-time budget for a whole run (``--max-time``): measure, then fix the length once.
+
+The first steps of a run pay for worker start-up and allocator warm-up, so the speed is
+measured over the steps after them. From that speed and an estimate of what must still happen
+after training (the final evaluation, the last checkpoint), the total number of iterations is
+fixed once; the LR schedule is then planned for exactly that many (engine/optim.py) and the
+number is stored in the checkpoint, so a resumed run keeps it. If the machine slows down later,
+``overrun`` stops training early rather than letting the final evaluation miss the budget.
+"""
+from __future__ import annotations
+
+import re
+import time
+
+SKIP_STEPS = 2        # steps not measured (worker start-up, first allocations)
+MEASURE_STEPS = 5     # steps timed to fix the run length
+MARGIN = 0.04         # share of the remaining time kept back (speed drift, epoch start-up)
+FIXED_RESERVE = 5.0   # seconds kept for the last checkpoint, the plot and the process exit
+
+
+def parse_duration(text: str) -> float:
+    """``"8m"``, ``"20min"``, ``"1h30m"``, ``"90s"``, ``"600"`` (seconds) → seconds."""
+    value = str(text).strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    units = {"h": 3600, "hr": 3600, "hour": 3600, "hours": 3600, "m": 60, "min": 60, "mins": 60,
+             "minute": 60, "minutes": 60, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)([a-z]+)", value)
+    if not parts or "".join(n + u for n, u in parts) != value or any(u not in units for _, u in parts):
+        raise ValueError(f"expected a duration such as 8m, 1h30m, 90s or plain seconds, got {text!r}")
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class StepTimer:
+    """Times the steps of this process after the first ``SKIP_STEPS``."""
+
+    def __init__(self):
+        self.steps = 0
+        self.started: float | None = None
+        self.measured = 0
+
+    def step_done(self) -> None:
+        self.steps += 1
+        if self.steps == SKIP_STEPS:
+            self.started = time.time()
+        elif self.steps > SKIP_STEPS:
+            self.measured += 1
+
+    @property
+    def just_measured(self) -> bool:
+        """True at exactly one step: the one that completes the measurement."""
+        return self.measured == MEASURE_STEPS and self.steps == SKIP_STEPS + MEASURE_STEPS
+
+    def seconds_per_step(self) -> float:
+        return (time.time() - self.started) / self.measured if self.measured else float("nan")
+
+
+def budget_total_iters(done: int, seconds_per_step: float, deadline: float, reserve: float,
+                       now: float | None = None) -> int:
+    """Total iterations (``done`` included) that fit before ``deadline`` with ``reserve`` seconds
+    kept for what follows training. At least one more step, so a run always ends cleanly."""
+    now = time.time() if now is None else now
+    available = (deadline - now - reserve - FIXED_RESERVE) * (1 - MARGIN)
+    return done + max(1, int(available / max(seconds_per_step, 1e-6)))

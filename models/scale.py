@@ -1,0 +1,80 @@
+"""The model's input transform when the input size is a fixed scale factor.
+
+torchvision's ``GeneralizedRCNNTransform`` resizes every input so that its short side is
+``min_size``: a 512² training crop is enlarged to 800 while a 1000² test image is shrunk to
+800, so objects are twice as large in training as at prediction. ``ScaleTransform`` resizes
+every input by the same factor ``scale`` instead (1.0: native pixels), so a crop, a whole image
+and a tile show objects at one size. Normalisation, batching and postprocessing are
+torchvision's.
+
+Training targets are resized box by box: each instance's mask is resampled (nearest) only
+inside its box, into a lazily zeroed array, instead of interpolating the whole ``N×H×W``
+stack as float (hundreds of full-size float masks per dense image). At ``scale == 1`` nothing
+is resampled at all.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+
+from utils.masks import lazy_zeros
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _source_index(out_len: int, in_len: int) -> np.ndarray:
+    """Nearest source pixel of each output pixel (pixel-centre convention, like bilinear)."""
+    return np.minimum(((np.arange(out_len) + 0.5) * in_len / out_len).astype(np.int64), in_len - 1)
+
+
+def resize_instance_masks(masks: np.ndarray, boxes: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """uint8 masks ``N×H×W`` → ``N×out_h×out_w`` (nearest), touching only each instance's box
+    (grown by one pixel); pixels outside the boxes are zero."""
+    n, h, w = masks.shape
+    ys, xs = _source_index(out_h, h), _source_index(out_w, w)
+    out = lazy_zeros(n, out_h, out_w)
+    for k, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, dtype=np.float64).reshape(-1, 4)):
+        bx0, by0 = max(int(np.floor(x0)) - 1, 0), max(int(np.floor(y0)) - 1, 0)
+        bx1, by1 = min(int(np.ceil(x1)) + 1, w), min(int(np.ceil(y1)) + 1, h)
+        oy0, oy1 = np.searchsorted(ys, [by0, by1])
+        ox0, ox1 = np.searchsorted(xs, [bx0, bx1])
+        if oy1 > oy0 and ox1 > ox0:
+            out[k, oy0:oy1, ox0:ox1] = masks[k][np.ix_(ys[oy0:oy1], xs[ox0:ox1])]
+    return out
+
+
+class ScaleTransform(GeneralizedRCNNTransform):
+    """``GeneralizedRCNNTransform`` with a fixed resize factor instead of min/max sizes."""
+
+    def __init__(self, scale: float, image_mean, image_std, **kwargs):
+        # min_size/max_size are unused by resize() below; torchvision's code requires them.
+        super().__init__(min_size=1, max_size=1, image_mean=image_mean, image_std=image_std, **kwargs)
+        self.scale = float(scale)
+
+    def resize(self, image: torch.Tensor, target: dict | None = None):
+        h, w = image.shape[-2:]
+        new_h, new_w = scaled_size(h, w, self.scale)
+        if (new_h, new_w) == (h, w):
+            return image, target
+        image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False,
+                              antialias=self.scale < 1)[0]
+        if target is None:
+            return image, target
+        target = dict(target)
+        if "masks" in target:
+            masks = target["masks"]
+            if masks.device.type == "cpu":
+                resized = torch.from_numpy(resize_instance_masks(masks.numpy(), target["boxes"].cpu().numpy(),
+                                                                 new_h, new_w))
+            else:  # on a GPU the dense interpolation is cheap and avoids a host round trip
+                resized = F.interpolate(masks[:, None].float(), size=(new_h, new_w), mode="nearest")[:, 0].byte()
+            target["masks"] = resized
+        target["boxes"] = resize_boxes(target["boxes"], (h, w), (new_h, new_w))
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(scale={self.scale}, mean={self.image_mean}, std={self.image_std})"
