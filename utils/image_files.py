@@ -60,12 +60,37 @@ def expand_inputs(arguments: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def decode_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file → ``H×W`` (gray) or ``H×W×3|4`` (RGB/RGBA), dtype as stored.
+    """Decode an image file → ``H×W`` (gray) or ``H×W×C`` (RGB/RGBA; TIFFs also 2 channels,
+    e.g. nucleus + cytoplasm), dtype as stored; multi-page TIFFs give their first plane.
 
     The one decoder of the project (OpenCV, Pillow as fallback); the dataset readers add their
     checks on top. Raises ``ImageReadError`` naming the file.
     """
     path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return _decode_tiff(path)
+    return _decode_other(path)
+
+
+def _decode_tiff(path: Path) -> np.ndarray:
+    """tifffile first (float, 16-bit, multi-channel, multi-page, OME, BigTIFF), OpenCV/Pillow for
+    what it cannot decode without optional codecs (LZW, JPEG)."""
+    from utils.tiff import read_tiff
+
+    try:
+        image = read_tiff(path)
+    except ImageReadError as tiff_error:
+        try:
+            return _decode_other(path)
+        except ImageReadError:
+            raise tiff_error from None
+    if image.ndim == 3 and image.shape[2] > 4:
+        raise ImageReadError(f"{path}: {image.shape[2]} channels; the model takes gray, RGB, RGBA or 2-channel "
+                             "images: save the channels to use as their own file")
+    return image
+
+
+def _decode_other(path: Path) -> np.ndarray:
     try:
         data = np.fromfile(path, dtype=np.uint8)     # works for any path encoding
     except OSError as exc:
