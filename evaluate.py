@@ -83,6 +83,22 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def ids_from_file_names(results: list[dict], gt: dict) -> list[dict]:
+    """predict.py names images by file stem (it knows no ground truth); a ground truth built by
+    tools/masks_to_coco.py or a dataset numbers them. Results whose ``image_id`` is not an id of
+    ``gt`` but is the stem of exactly one of its ``file_name``s get that image's id."""
+    ids = {img["id"] for img in gt.get("images", [])}
+    stems: dict[str, list] = {}
+    for img in gt.get("images", []):
+        stems.setdefault(os.path.splitext(os.path.basename(str(img.get("file_name", ""))))[0], []).append(img["id"])
+    def remap(r):
+        image_id = r.get("image_id") if isinstance(r, dict) else None
+        if image_id in ids or not isinstance(image_id, str) or len(stems.get(image_id, ())) != 1:
+            return r
+        return {**r, "image_id": stems[image_id][0]}
+    return [remap(r) for r in results]
+
+
 def evaluate_files(args: argparse.Namespace) -> tuple[dict, dict, list[dict]]:
     """``--gt``/``--pred`` → (report, gt, results)."""
     gt = normalize_ground_truth(load_json(args.gt, "ground truth"))
@@ -90,6 +106,8 @@ def evaluate_files(args: argparse.Namespace) -> tuple[dict, dict, list[dict]]:
     if isinstance(results, dict) and isinstance(results.get("annotations"), list):
         results = results["annotations"]  # a results file saved as a COCO dict
     check_ground_truth(gt, tuple(args.iou_types))
+    if isinstance(results, list):
+        results = ids_from_file_names(results, gt)
     check_results(results, gt, tuple(args.iou_types))
     max_dets = args.max_dets or 100
     per_image: dict = {}

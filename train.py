@@ -175,8 +175,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # Options the data's object and image sizes choose when neither the user nor the dataset's
 # defaults fix them (datasets/statistics.py). Giving any of the geometry keys fixes the geometry.
 GEOMETRY_KEYS = ("input_scale", "min_size", "max_size", "anchor_sizes")
-CAP_KEYS = ("detections_per_img", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
-            "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train")
+CAP_KEYS = ("detections_per_img", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test")
 
 
 def pinned_options(args: argparse.Namespace) -> set[str]:
@@ -209,6 +208,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         defaults = dataset_defaults(dataset, options)
     except ValueError as exc:
         raise ConfigError(f"--dataset: {exc}") from None
+    if "opt" in given and defaults.get("opt", given["opt"]) != given["opt"]:
+        # The dataset's learning rate and weight decay belong to its optimizer, not to the one asked for.
+        defaults.pop("lr", None)
+        defaults.pop("weight_decay", None)
     if {"min_size", "max_size"} & set(given):
         if "input_scale" in given:
             raise ConfigError("--input-scale replaces --min-size/--max-size: give one or the other")
@@ -298,18 +301,21 @@ def _first_image_name(dataset) -> str:
     return str(path(0)) if callable(path) else "image 0"
 
 
-def plan_run(config: TrainConfig, iters_per_epoch: int, resuming: bool):
+def plan_run(config: TrainConfig, iters_per_epoch: int, resuming: bool, started: float):
     """The LR schedule and, for a fresh run with ``--max-time``, the deadline of the whole run."""
     if config.max_time is None:
         return plan_schedule(config, iters_per_epoch, (config.epochs or 26) * iters_per_epoch), None
     # Provisional until the first steps are measured (engine/budget.py); a resumed run gets the
     # stored, fixed plan from its checkpoint instead.
     provisional = plan_schedule(config, iters_per_epoch, (config.epochs or 26) * iters_per_epoch, fixed=False)
-    deadline = None if resuming else PROCESS_START + config.max_time
+    deadline = None if resuming else started + config.max_time
     return provisional, deadline
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args: argparse.Namespace, started: float | None = None) -> dict:
+    """Train (or evaluate) as ``args`` say. ``started``: when the run began, for ``--max-time``
+    (the CLI passes the process start; in-process callers default to now)."""
+    started = time.time() if started is None else started
     config = config_from_args(args)
     pinned = pinned_options(args)
     dist_info, device = distributed.init_distributed(config.device)
@@ -363,12 +369,12 @@ def main(args: argparse.Namespace) -> dict:
     loader = train_loader(train_set, batch_sampler, config.seed, config.workers)
     val = eval_loader(val_set, config.batch_size, config.workers, dist_info.rank, dist_info.world_size)
     optimizer = build_optimizer(model_without_ddp, config)
-    schedule, deadline = plan_run(config, len(batch_sampler), resume_from is not None)
+    schedule, deadline = plan_run(config, len(batch_sampler), resume_from is not None, started)
     lr_scheduler = build_lr_scheduler(optimizer, schedule)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     if deadline is not None:
         log.info("time budget %s: %s used before the first step", format_duration(config.max_time),
-                 format_duration(time.time() - PROCESS_START))
+                 format_duration(time.time() - started))
 
     trainer = Trainer(config, model, model_without_ddp, optimizer, lr_scheduler, scaler, loader, batch_sampler,
                       val, val_set.coco_gt(), class_names, device, dist_info, run_dir, schedule, deadline)
@@ -401,7 +407,7 @@ def run_cli(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     try:
-        main(args)
+        main(args, PROCESS_START)
         return 0
     except (ConfigError, WeightsError, CheckpointError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")

@@ -244,7 +244,7 @@ COCO_DEFAULTS = {
 
 # Cells and other own data in COCO format: sizes and caps from its annotations, microscopy
 # training settings (the folder format's; see datasets/folder.py).
-OWN_COCO_DEFAULTS = {"data_augmentation": "cells", "opt": "adamw", "lr_scheduler": "cosine",
+OWN_COCO_DEFAULTS = {"data_augmentation": "cells", "opt": "adamw", "lr": 0.002, "lr_scheduler": "cosine",
                      "box_batch_size_per_image": 128}
 
 

@@ -84,6 +84,9 @@ def scan_folder(root: str, skip_bad: bool = False, log: BadInputLog | None = Non
                      if os.path.isdir(masks_dir) else ())
             _add(items, log, skip_bad, sample, os.path.join(sample_dir, "images", images[0]), masks, False)
     if not items and not log.skipped:
+        if os.path.isdir(image_dir):
+            raise DatasetError(f"{root}: has images/ but no masks/ folder: put one label image per image in "
+                               f"{mask_dir} (same name, 0 background, 1..N one object each)")
         raise DatasetError(f"{root}: found neither images/ + masks/ nor ID/images/ID.png + ID/masks/*.png")
     return items
 
@@ -100,13 +103,14 @@ def _add(items, log, skip_bad, name, image_path, mask_paths, label_image) -> Non
     items.append(FolderItem(name, image_path, tuple(mask_paths), label_image, size, root))
 
 
-def load_instances(item: FolderItem) -> np.ndarray:
-    """Instance masks ``N×H×W`` uint8 of ``item`` (empty ones removed), checked against its size."""
+def load_instances(item: FolderItem, with_boxes: bool = False):
+    """Instance masks ``N×H×W`` uint8 of ``item`` (empty ones removed), checked against its size;
+    ``with_boxes``: ``(masks, boxes, areas)``, the boxes tight xyxy."""
     if item.label_image:
         label = read_label_image(item.mask_paths[0])
         _check_size(item, item.mask_paths[0], label.shape)
-        masks, _ = label_image_to_instances(label)
-        return masks
+        masks, _, boxes, areas = label_image_to_instances(label, return_boxes=True)
+        return (masks, boxes, areas) if with_boxes else masks
     h, w = item.size
     masks = np.zeros((len(item.mask_paths), h, w), dtype=np.uint8)
     for k, path in enumerate(item.mask_paths):
@@ -114,7 +118,8 @@ def load_instances(item: FolderItem) -> np.ndarray:
         _check_size(item, path, m.shape)
         masks[k] = m != 0
     nonempty = masks.reshape(len(masks), -1).any(1) if len(masks) else np.zeros(0, dtype=bool)
-    return masks[nonempty] if not nonempty.all() else masks
+    masks = masks[nonempty] if not nonempty.all() else masks
+    return (masks, masks_to_boxes(masks), None) if with_boxes else masks
 
 
 def instance_annotations(item: FolderItem) -> list[tuple[dict, np.ndarray, float]]:
@@ -169,9 +174,8 @@ class FolderDataset(torch.utils.data.Dataset):
     def load(self, i: int) -> tuple[np.ndarray, dict]:
         item = self.items[i]
         image = read_image(item.image_path, expected_size=item.size)
-        masks = load_instances(item)
-        return image, make_target(masks, np.ones(len(masks), dtype=np.int64), masks_to_boxes(masks),
-                                  self.image_ids[i])
+        masks, boxes, areas = load_instances(item, with_boxes=True)
+        return image, make_target(masks, np.ones(len(masks), dtype=np.int64), boxes, self.image_ids[i], areas)
 
     def __getitem__(self, i: int):
         return load_sample(self, i)
@@ -201,7 +205,7 @@ class FolderDataset(torch.utils.data.Dataset):
 # rotations and intensity jitter; AdamW with a cosine curve; 128 sampled RoIs per image.
 FOLDER_DEFAULTS = {
     "data_augmentation": "cells",
-    "opt": "adamw", "lr_scheduler": "cosine",
+    "opt": "adamw", "lr": 0.002, "lr_scheduler": "cosine",   # 0.002: MoNuSeg AP 0.171 vs 0.151 at 0.001 (8 min)
     "box_batch_size_per_image": 128,
 }
 

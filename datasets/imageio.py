@@ -64,7 +64,13 @@ def read_label_image(path: str) -> np.ndarray:
     """An instance label image ``H×W`` (integer dtype, 0 = background) as stored."""
     array = _decode(path, "a label image")
     if array.ndim == 3:
-        # Binary masks are sometimes saved as RGB(A); any colour channel is the same there.
+        # Binary masks are sometimes saved as RGB(A); any colour channel is the same there. A
+        # colour-coded label image (an instance per colour) is not a label image.
+        colour = array[:, :, :3]
+        if not (colour == colour[:, :, :1]).all():
+            raise DatasetError(f"{path}: label image is a colour (RGB) image; save it as a single-channel "
+                               "integer image (8/16-bit PNG or TIFF) with 0 for background and one value per "
+                               "object, e.g. with tools/masks_to_coco.py's input layout or skimage.measure.label")
         array = array[:, :, 0]
     if not (array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer)):
         raise DatasetError(f"{path}: label image must have integer pixels, got {array.dtype}")

@@ -4,8 +4,10 @@ The first steps of a run pay for worker start-up and allocator warm-up, so the s
 measured over the steps after them. From that speed and an estimate of what must still happen
 after training (the final evaluation, the last checkpoint), the total number of iterations is
 fixed once; the LR schedule is then planned for exactly that many (engine/optim.py) and the
-number is stored in the checkpoint, so a resumed run keeps it. If the machine slows down later,
-``overrun`` stops training early rather than letting the final evaluation miss the budget.
+number is stored in the checkpoint, so a resumed run keeps it. The trainer checks the speed once
+more after a quarter of the remaining steps and re-plans if it is off by more than 20 % (a
+machine busy or idle while the first steps were timed); if it slows down later still, training
+stops early rather than letting the final evaluation miss the budget.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import re
 import time
 
 SKIP_STEPS = 2        # steps not measured (worker start-up, first allocations)
-MEASURE_STEPS = 5     # steps timed to fix the run length
+MEASURE_STEPS = (5, 20)  # steps timed to fix the run length: through the first epoch boundary
+                         # (checkpoint, loader restart) when an epoch is short, else at least 5
 MARGIN = 0.04         # share of the remaining time kept back (speed drift, epoch start-up)
 FIXED_RESERVE = 5.0   # seconds kept for the last checkpoint, the plot and the process exit
 
@@ -41,10 +44,11 @@ def format_duration(seconds: float) -> str:
 class StepTimer:
     """Times the steps of this process after the first ``SKIP_STEPS``."""
 
-    def __init__(self):
+    def __init__(self, iters_per_epoch: int):
         self.steps = 0
         self.started: float | None = None
         self.measured = 0
+        self.measure = min(max(MEASURE_STEPS[0], iters_per_epoch + 1 - SKIP_STEPS), MEASURE_STEPS[1])
 
     def step_done(self) -> None:
         self.steps += 1
@@ -56,7 +60,7 @@ class StepTimer:
     @property
     def just_measured(self) -> bool:
         """True at exactly one step: the one that completes the measurement."""
-        return self.measured == MEASURE_STEPS and self.steps == SKIP_STEPS + MEASURE_STEPS
+        return self.measured == self.measure and self.steps == SKIP_STEPS + self.measure
 
     def seconds_per_step(self) -> float:
         return (time.time() - self.started) / self.measured if self.measured else float("nan")

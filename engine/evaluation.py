@@ -46,16 +46,21 @@ def predict_loader(model: torch.nn.Module, loader, device: torch.device, amp: bo
     return per_image
 
 
-@torch.inference_mode()
-def time_one_prediction(model: torch.nn.Module, dataset, device: torch.device, amp: bool = False) -> float:
-    """Seconds to load, predict and convert ``dataset[0]`` (what evaluation pays per image);
-    leaves ``model`` in eval mode."""
+def time_one_evaluation(model: torch.nn.Module, dataset, coco_gt: dict, device: torch.device, max_dets: int,
+                        amp: bool = False) -> float:
+    """Seconds to load, predict, convert and score ``dataset[0]`` — what evaluation pays per
+    image (workers, the loop and the merge add to it); leaves ``model`` in eval mode."""
     start = time.perf_counter()
     image, target = dataset[0]
     model.eval()
-    with autocast_context(device, amp):
+    with torch.inference_mode(), autocast_context(device, amp):
         output = detect(model, [image.to(device)])[0]
-    detections_to_coco_results(output, target["image_id"])
+    results = detections_to_coco_results(output, target["image_id"])
+    one = {**coco_gt, "images": [i for i in coco_gt["images"] if i["id"] == target["image_id"]],
+           "annotations": [a for a in coco_gt["annotations"] if a["image_id"] == target["image_id"]]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluate_predictions(one, results, max_dets, validate=False)
     return time.perf_counter() - start
 
 

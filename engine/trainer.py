@@ -20,7 +20,7 @@ from engine import distributed
 from engine.budget import StepTimer, budget_total_iters, format_duration
 from engine.checkpoint import save_checkpoint
 from engine.config import TrainConfig
-from engine.evaluation import autocast_context, evaluate_model, headline, time_one_prediction
+from engine.evaluation import autocast_context, evaluate_model, headline, time_one_evaluation
 from engine.logging import MetricLogger, MetricsWriter, plot_metrics
 from engine.optim import Schedule, plan_schedule
 from utils.io import write_json_atomic
@@ -90,8 +90,10 @@ class Trainer:
         self.config = config
         self.schedule = schedule
         self.deadline = deadline
-        self.timer = StepTimer()
+        self.timer = StepTimer(len(batch_sampler))
         self._eval_reserve: float | None = None
+        self._recheck_at: int | None = None
+        self._recheck_from: tuple = ()
         self.model = model
         self.model_without_ddp = model_without_ddp
         self.optimizer = optimizer
@@ -190,6 +192,13 @@ class Trainer:
             log.warning("checkpoint has no stored LR schedule (older format): planning it from the flags")
             return
         stored = Schedule.from_dict(saved)
+        if not stored.fixed and self.config.max_time is not None and self.deadline is None:
+            # Stopped before the budget fixed the length: the resumed run measures and fixes it,
+            # with the full budget from now.
+            self.deadline = time.time() + self.config.max_time
+            log.warning("the checkpoint's time-budgeted run stopped before its length was fixed: this run "
+                        "gets %s from now", format_duration(self.config.max_time))
+            return
         budgeted = self.deadline is not None or (stored.fixed and self.config.max_time is not None)
         if budgeted and stored.fixed:
             self._set_schedule(stored)
@@ -326,6 +335,8 @@ class Trainer:
                      "run (with evaluations) in about %s", seconds, self.schedule.total_iters - self.global_step,
                      self.num_epochs, self.iters_per_epoch, format_duration(remaining),
                      format_duration(remaining + self._estimate_eval_seconds() * (1 + self._evaluations_left())))
+        elif self.deadline is not None and self._recheck_at is not None and self.global_step >= self._recheck_at:
+            self._recheck_budget()
         elif self.deadline is not None and self.schedule.fixed and self._eval_reserve is not None:
             late = time.time() > self.deadline - self._eval_reserve
             if distributed.any_rank(late, self.device) and self.global_step < self.schedule.total_iters:
@@ -344,24 +355,48 @@ class Trainer:
     def _fix_budget(self, seconds_per_step: float) -> None:
         reserve = self._estimate_eval_seconds()
         self._eval_reserve = reserve
-        total = budget_total_iters(self.global_step, seconds_per_step, self.deadline, reserve)
+        self._plan_for_budget(seconds_per_step)
+        log.info("time budget: %.2f s/step measured, final evaluation estimated at %s → %s", seconds_per_step,
+                 format_duration(reserve), self.schedule.describe(self.config.lr))
+        # One re-check after a quarter of the rest: a few steps measured on a machine that was
+        # briefly busy (or idle) must not decide the whole run.
+        self._recheck_at = self.global_step + max(10, (self.schedule.total_iters - self.global_step) // 4)
+        self._recheck_from = (self.global_step, time.time(), seconds_per_step)
+
+    def _plan_for_budget(self, seconds_per_step: float) -> None:
+        total = budget_total_iters(self.global_step, seconds_per_step, self.deadline, self._eval_reserve)
         if self.config.epochs is not None:
             total = min(total, self.config.epochs * self.iters_per_epoch)
         total = distributed.broadcast_object(total)   # every rank stops at the same iteration
         self._set_schedule(plan_schedule(self.config, self.iters_per_epoch, total, fixed=True))
-        log.info("time budget: %.2f s/step measured, final evaluation estimated at %s → %s", seconds_per_step,
-                 format_duration(reserve), self.schedule.describe(self.config.lr))
+
+    def _recheck_budget(self) -> None:
+        self._recheck_at = None
+        step0, time0, measured = self._recheck_from
+        seconds = distributed.broadcast_object((time.time() - time0) / max(self.global_step - step0, 1))
+        if abs(seconds / measured - 1) > 0.2:
+            before = self.schedule.total_iters
+            self._plan_for_budget(seconds)
+            log.warning("time budget: the steps take %.2f s, not the %.2f s first measured: the run is re-planned "
+                        "from %d to %d iterations (%s)", seconds, measured, before, self.schedule.total_iters,
+                        self.schedule.describe(self.config.lr))
 
     def _estimate_eval_seconds(self) -> float:
-        """Seconds the final evaluation will take: one validation image predicted and timed here,
-        times this rank's share of the validation set, plus scoring."""
+        """Seconds the final evaluation will take: one validation image loaded, predicted and
+        scored here (twice: the first call pays one-off start-up costs), times this rank's
+        share of the validation set, with room for the loader start-up and the merge."""
         if getattr(self, "_eval_estimate", None) is None:
             dataset = self.val_loader.dataset
             n = math.ceil(len(dataset) / self.dist.world_size)
+            if n == 0:
+                self._eval_estimate = 0.0
+                return 0.0
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                per_image = time_one_prediction(self.model_without_ddp, dataset, self.device, self.config.amp)
+                per_image = min(time_one_evaluation(self.model_without_ddp, dataset, self.val_gt, self.device,
+                                                    self.config.detections_per_img, self.config.amp)
+                                for _ in range(2))
             self.model.train()
-            self._eval_estimate = distributed.broadcast_object(n * per_image * 1.25 + 2.0)
+            self._eval_estimate = distributed.broadcast_object(n * per_image * 1.5 + 5.0)
         return self._eval_estimate
 
     def _clean_target(self, target: dict) -> dict:

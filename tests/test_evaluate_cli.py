@@ -147,3 +147,18 @@ def test_checkpoint_mode_calls_the_engine(monkeypatch, tmp_path, capsys):
     assert calls["dataset_options"] == {"data_path": "/data", "fold": "0"}
     assert calls["max_dets"] is None and calls["device"] == "cpu"   # the checkpoint's own detections per image
     assert json.loads((tmp_path / "r.json").read_text())["max_dets"] == 500
+
+
+def test_predict_results_named_by_file_stem_match_the_ground_truth(tmp_path, capsys):
+    gt, results = make_workload(num_images=2, height=60, width=70, min_cells=3, max_cells=5, seed=2)
+    for img in gt["images"]:
+        img["file_name"] = f"images/cells_{img['id']}.png"
+    named = [{**r, "image_id": f"cells_{r['image_id']}"} for r in results]   # as predict.py writes them
+    code, out, err = run(capsys, "--gt", write(tmp_path, "gt.json", gt), "--pred", write(tmp_path, "p.json", results),
+                         "--out", str(tmp_path / "a.json"))
+    assert code == 0, err
+    code, out, err = run(capsys, "--gt", write(tmp_path, "gt.json", gt), "--pred", write(tmp_path, "n.json", named),
+                         "--out", str(tmp_path / "b.json"))
+    assert code == 0, err
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert a["coco"]["segm"]["AP"] == b["coco"]["segm"]["AP"] > 0

@@ -57,8 +57,31 @@ def main(args: argparse.Namespace) -> int:
     if len(report.problems) > args.max_problems:
         print(f"... {len(report.problems) - args.max_problems} more problems not shown")
     print("\n".join(report.summary_lines()))
+    if not report.num_errors:
+        print_size_recommendation(args.dataset, options_from_args(args))
     failed = report.num_errors or (args.strict and report.num_warnings)
     return 1 if failed else 0
+
+
+def print_size_recommendation(dataset: str, options: dict) -> None:
+    """What train.py would choose from this data for the size options left open."""
+    from datasets import build_dataset
+    from datasets.statistics import check_objects, recommend_sizes, statistics_from_coco
+
+    try:
+        stats = statistics_from_coco(build_dataset(dataset, "train", options).coco_gt())
+        check_objects(stats, f"training split of {options.get('data_path') or dataset}")
+    except DatasetError as e:
+        print(f"sizes: cannot recommend: {e}")
+        return
+    recommended, reasons = recommend_sizes(stats)
+    print(f"training split: {stats.describe()}")
+    print("sizes train.py chooses when no size flag is given:")
+    for line in reasons:
+        print(f"  {line}")
+    anchors = ",".join(map(str, recommended["anchor_sizes"]))
+    print(f"  as flags: --input-scale {recommended['input_scale']} --anchor-sizes {anchors} "
+          f"--detections-per-img {recommended['detections_per_img']}")
 
 
 if __name__ == "__main__":

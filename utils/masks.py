@@ -537,11 +537,14 @@ def fill_holes(masks: np.ndarray, boxes: np.ndarray | None = None) -> np.ndarray
     return masks
 
 
-def label_image_to_instances(label_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def label_image_to_instances(label_image: np.ndarray, return_boxes: bool = False):
     """Label image ``H×W`` (0 background, any other value one instance; any int dtype) →
-    (masks ``N×H×W`` uint8, values ``N`` of the label image), ordered by label value.
+    (masks ``N×H×W`` uint8, values ``N`` of the label image), ordered by label value; with
+    ``return_boxes`` also their tight xyxy boxes (float32 ``N×4``) and pixel counts (``N``).
 
-    Each mask is filled inside its bounding box only (``scipy.ndimage.find_objects``).
+    Each mask is filled inside its bounding box only (``scipy.ndimage.find_objects``), and
+    boxes and areas come from the label image: scanning the ``N×H×W`` stack for them would read
+    1.8 GB for a 1000² image of 1,800 nuclei.
     """
     from scipy.ndimage import find_objects
     if label_image.ndim != 2:
@@ -549,15 +552,18 @@ def label_image_to_instances(label_image: np.ndarray) -> tuple[np.ndarray, np.nd
     values = np.unique(label_image)
     values = values[values != 0]
     masks = lazy_zeros(len(values), *label_image.shape)
-    if len(values) == 0:
-        return masks, values
-    # Relabel to 1..N so find_objects' output is as long as N, not max(label).
-    dense = np.searchsorted(values, label_image).astype(np.int32) + 1
-    dense[label_image == 0] = 0
-    for k, slices in enumerate(find_objects(dense)):
-        if slices is not None:
-            masks[k][slices] = dense[slices] == k + 1
-    return masks, values
+    boxes = np.zeros((len(values), 4), dtype=np.float32)
+    areas = np.zeros(len(values), dtype=np.int64)
+    if len(values):
+        # Relabel to 1..N so find_objects' output is as long as N, not max(label).
+        dense = np.searchsorted(values, label_image).astype(np.int32) + 1
+        dense[label_image == 0] = 0
+        areas = np.bincount(dense.ravel(), minlength=len(values) + 1)[1:]
+        for k, slices in enumerate(find_objects(dense)):
+            if slices is not None:
+                masks[k][slices] = dense[slices] == k + 1
+                boxes[k] = (slices[1].start, slices[0].start, slices[1].stop, slices[0].stop)
+    return (masks, values, boxes, areas) if return_boxes else (masks, values)
 
 
 def lazy_zeros(n: int, height: int, width: int) -> np.ndarray:

@@ -1,0 +1,240 @@
+"""A scientist's own data: sizes from the data, run-relative schedules, a time budget, one input
+scale, and clear errors before training on data that cannot work."""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import train
+from datasets.statistics import DataStatistics, check_objects, recommend_sizes, statistics_from_coco
+from datasets.errors import DatasetError
+from datasets.testing import write_label_folder
+from engine.budget import budget_total_iters, parse_duration
+from engine.config import TrainConfig
+from engine.data import TrainBatchSampler
+from engine.optim import Schedule, plan_schedule
+from models.scale import ScaleTransform, resize_instance_masks
+from tests.helpers import tiny_args
+
+
+def run(argv):
+    return train.main(train.get_args_parser().parse_args(argv))
+
+
+# ------------------------------------------------------------------------- schedules
+
+
+def test_schedule_is_relative_to_the_run():
+    config = TrainConfig(opt="sgd", lr=0.02)
+    short = plan_schedule(config, iters_per_epoch=2, total_iters=120)
+    assert short.milestones == (74, 102)                        # 16/26 and 22/26 of 120
+    assert short.warmup_iters == 6 <= 0.05 * 120                 # never the COCO recipe's 1000
+    assert short.factor(119) == pytest.approx(0.01)
+    long = plan_schedule(config, iters_per_epoch=1000, total_iters=90_000)
+    assert long.warmup_iters == 1000
+    assert plan_schedule(config, 10, 12).warmup_iters == 3       # a dozen steps still warm up a little
+    given = plan_schedule(TrainConfig(lr_steps=(3, 5), warmup_iters=7), iters_per_epoch=10, total_iters=60)
+    assert given.milestones == (30, 50) and given.warmup_iters == 7
+    cosine = plan_schedule(TrainConfig(lr_scheduler="cosine"), 5, 100)
+    assert cosine.factor(100) == 0 and 0.45 < cosine.factor(50) < 0.55
+    text = short.describe(0.02)
+    assert "120 iterations" in text and "from step 74" in text and "after 6 warmup steps" in text
+    assert Schedule.from_dict(json.loads(json.dumps(short.to_dict()))) == short
+
+
+def test_optimizer_gets_its_own_defaults():
+    adamw = train.config_from_args(train.get_args_parser().parse_args(["--dataset", "coco", "--data-path", "x",
+                                                                         "--opt", "adamw"]))
+    assert adamw.lr == 0.001 and adamw.weight_decay == 0.05
+    sgd = train.config_from_args(train.get_args_parser().parse_args(["--dataset", "folder", "--data-path", "x",
+                                                                       "--opt", "sgd"]))
+    assert sgd.lr == 0.02 and sgd.weight_decay == 1e-4           # not the folder's AdamW lr
+    assert sgd.model == "maskrcnn_resnet18_fpn" or torch.cuda.is_available()   # R18 on a CPU
+
+
+def test_tiny_dataset_repeats_within_an_epoch():
+    sampler = TrainBatchSampler([0, 0, 0], batch_size=2, seed=1, min_batches=16)
+    assert len(sampler) == 17 and sampler.passes == 11          # 11 passes of 3 images: ≥ 16 batches of 2
+    sampler.set_epoch(3)
+    batches = [b for b in sampler]
+    assert len(batches) == 17 and sorted({i for b in batches for i, _ in b}) == [0, 1, 2]
+    sampler.set_epoch(3, start_batch=5)
+    assert [b for b in sampler] == batches[5:]                   # resumable mid-epoch
+    assert len(TrainBatchSampler(list(range(100)), 4, 1, min_batches=16)) == 25   # large sets: one pass
+
+
+def test_durations():
+    assert parse_duration("8m") == 480 and parse_duration("1h30m") == 5400 and parse_duration("90s") == 90
+    assert parse_duration("600") == 600 and parse_duration("2.5min") == 150
+    for bad in ("8x", "m8", "", "1h-5m"):
+        with pytest.raises(ValueError, match="duration"):
+            parse_duration(bad)
+    assert budget_total_iters(10, 2.0, deadline=1000.0, reserve=100.0, now=0.0) == 10 + int((1000 - 100 - 5) * 0.96 / 2)
+    assert budget_total_iters(10, 2.0, deadline=50.0, reserve=100.0, now=0.0) == 11
+
+
+# ------------------------------------------------------------------------- a time budget
+
+
+def test_max_time_fixes_the_run_length_and_resume_keeps_it(tmp_path):
+    budget = 25
+    started = time.time()
+    report = run(tiny_args(tmp_path, "--max-time", f"{budget}s", "--name", "budget", "--synthetic-train-images", "4",
+                           "--min-epoch-iters", "4"))
+    elapsed = time.time() - started
+    run_dir = tmp_path / "runs" / "budget"
+    state = torch.load(run_dir / "last.pth", weights_only=True)
+    schedule = state["schedule"]
+    assert schedule["fixed"] and state["global_step"] == schedule["total_iters"] > 7   # more than the measured steps
+    assert "coco" in report                                       # the final evaluation ran
+    assert elapsed < 1.5 * budget + 5, elapsed                    # estimates on a busy 2-core machine vary
+    log = (run_dir / "train.log").read_text()
+    assert "time budget" in log and "training ends in about" in log
+    # Resuming a finished budgeted run keeps its fixed length: nothing more to train.
+    run(tiny_args(tmp_path, "--max-time", f"{budget}s", "--resume", str(run_dir / "last.pth")))
+    assert torch.load(run_dir / "last.pth", weights_only=True)["global_step"] == schedule["total_iters"]
+    assert "nothing to train" in (run_dir / "train.log").read_text()
+
+
+# ------------------------------------------------------------------------- sizes from the data
+
+
+def stats_of(diameters, counts=(10,), image=(500, 500)) -> DataStatistics:
+    d = np.asarray(diameters, dtype=np.float64)
+    return DataStatistics(len(counts), np.array([image] * len(counts)), np.asarray(counts), d, d * 0.9,
+                          np.stack([d * 0.9, d * 0.9], axis=1))
+
+
+def test_recommendation_follows_object_size_and_density():
+    native, reasons = recommend_sizes(stats_of(np.linspace(10, 30, 200), counts=(1862,)))
+    assert native["input_scale"] == 1.0 and native["anchor_sizes"][0] == 11 and len(native["anchor_sizes"]) == 5
+    assert native["detections_per_img"] == 2800 and native["rpn_post_nms_top_n_test"] >= 2 * 2800
+    assert any("native resolution" in r for r in reasons)
+    small, _ = recommend_sizes(stats_of(np.full(50, 6.0)))
+    assert small["input_scale"] == 4.0 and small["detections_per_img"] == 100
+    large, _ = recommend_sizes(stats_of(np.full(50, 200.0)))
+    assert large["input_scale"] == 0.25 and large["anchor_sizes"][0] <= 32
+
+
+def test_statistics_from_coco_reads_areas_and_boxes():
+    gt = {"images": [{"id": 1, "height": 50, "width": 60}, {"id": 2, "height": 50, "width": 60}],
+          "annotations": [{"id": 1, "image_id": 1, "bbox": [0, 0, 10, 10], "area": 78.5, "iscrowd": 0},
+                          {"id": 2, "image_id": 1, "bbox": [5, 5, 4, 9], "area": 30.0, "iscrowd": 0},
+                          {"id": 3, "image_id": 2, "bbox": [0, 0, 60, 50], "area": 3000.0, "iscrowd": 1}]}
+    stats = statistics_from_coco(gt)
+    assert stats.objects_per_image.tolist() == [2, 0] and stats.num_objects == 2
+    assert stats.diameters[0] == pytest.approx(10.0, abs=0.01) and stats.box_sizes[1] == pytest.approx(6.0)
+
+
+def test_unlearnable_objects_stop_with_a_message():
+    with pytest.raises(DatasetError, match="smaller than 4 px"):
+        check_objects(stats_of(np.full(20, 1.2)), "data")
+    whole = DataStatistics(1, np.array([[40, 50]]), np.array([1]), np.array([50.0]), np.array([44.7]),
+                           np.array([[40.0, 50.0]]))
+    with pytest.raises(DatasetError, match="spans its whole image"):
+        check_objects(whole, "data")
+    with pytest.raises(DatasetError, match="no annotated objects"):
+        check_objects(stats_of([], counts=(0,)), "data")
+
+
+# ------------------------------------------------------------------------- bad folders, before training
+
+
+def _train_cli(capsys, root, *extra):
+    code = None
+    try:
+        code = train.run_cli(["--dataset", "folder", "--data-path", str(root), "--val-fraction", "0.5",
+                              "--output-dir", str(root.parent / "runs"), "-j", "0", *extra])
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_bad_folders_stop_before_training_naming_the_file(tmp_path, capsys):
+    no_masks = tmp_path / "no_masks"
+    write_label_folder(str(no_masks), 2)
+    for f in (no_masks / "masks").iterdir():
+        f.unlink()
+    (no_masks / "masks").rmdir()
+    code, err = _train_cli(capsys, no_masks)
+    assert code == 2 and "no masks/ folder" in err and str(no_masks) in err
+
+    wrong_size = tmp_path / "wrong_size"
+    write_label_folder(str(wrong_size), 4)
+    cv2.imwrite(str(wrong_size / "masks" / "img_00.png"), np.ones((10, 10), np.uint16))
+    code, err = _train_cli(capsys, wrong_size)
+    assert code == 2 and "img_00.png" in err and "10×10" in err
+
+    colour = tmp_path / "colour"
+    write_label_folder(str(colour), 4)
+    rgb = np.zeros((64, 80, 3), np.uint8)
+    rgb[5:20, 5:20] = (255, 0, 0)
+    rgb[30:50, 30:50] = (0, 255, 0)
+    (colour / "masks" / "img_01.tif").unlink()
+    cv2.imwrite(str(colour / "masks" / "img_01.png"), rgb)
+    code, err = _train_cli(capsys, colour)
+    assert code == 2 and "img_01.png" in err and "colour" in err
+
+    tiny = tmp_path / "tiny"
+    write_label_folder(str(tiny), 4)
+    for f in (tiny / "masks").iterdir():
+        label = np.zeros((64, 80), np.uint16)
+        label[10, 10], label[30, 40] = 1, 2                     # one-pixel "objects"
+        f.unlink()
+        cv2.imwrite(str(f.with_suffix(".png")), label)
+    code, err = _train_cli(capsys, tiny)
+    assert code == 2 and "smaller than 4 px" in err
+
+
+# ------------------------------------------------------------------------- one input scale
+
+
+def test_box_local_mask_resize_equals_dense_nearest():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 40, 50), np.uint8)
+    boxes = np.array([[2, 3, 20, 17], [25, 10, 49, 39], [0, 0, 8, 8]], np.float32)
+    for k, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
+        masks[k, y0:y1, x0:x1] = rng.integers(0, 2, (y1 - y0, x1 - x0))
+    for out_h, out_w in ((60, 75), (21, 26)):
+        ys = np.minimum(((np.arange(out_h) + 0.5) * 40 / out_h).astype(int), 39)
+        xs = np.minimum(((np.arange(out_w) + 0.5) * 50 / out_w).astype(int), 49)
+        assert np.array_equal(resize_instance_masks(masks, boxes, out_h, out_w), masks[:, ys][:, :, xs])
+
+
+def test_scale_transform_resizes_by_one_factor_and_maps_back():
+    t = ScaleTransform(0.5, [0.0] * 3, [1.0] * 3)
+    t.eval()
+    for size in ((512, 512), (1000, 800)):
+        images, _ = t([torch.rand(3, *size)])
+        assert images.image_sizes[0] == (size[0] // 2, size[1] // 2)   # crops and whole images alike
+    t.train()
+    masks = torch.zeros(1, 100, 80, dtype=torch.uint8)
+    masks[0, 20:60, 10:50] = 1
+    target = {"boxes": torch.tensor([[10., 20., 50., 60.]]), "labels": torch.tensor([1]), "masks": masks}
+    images, targets = t([torch.rand(3, 100, 80)], [target])
+    assert targets[0]["masks"].shape == (1, 50, 40) and int(targets[0]["masks"].sum()) == 400
+    assert torch.equal(targets[0]["boxes"], torch.tensor([[5., 10., 25., 30.]]))
+    same = ScaleTransform(1.0, [0.0] * 3, [1.0] * 3)
+    image = torch.rand(3, 33, 47)
+    assert torch.equal(same.resize(image, None)[0], image)        # native: nothing resampled
+
+
+def test_folder_run_takes_sizes_from_the_data(tmp_path):
+    write_label_folder(str(tmp_path / "data"), 4, 64, 80, count=6, seed=2)
+    run(["--dataset", "folder", "--data-path", str(tmp_path / "data"), "--val-fraction", "0.25", "--epochs", "1",
+         "--min-epoch-iters", "2", "-b", "2", "-j", "2", "--output-dir", str(tmp_path / "runs"), "--name", "own"])
+    config = json.loads((tmp_path / "runs" / "own" / "config.json").read_text())
+    state = torch.load(tmp_path / "runs" / "own" / "last.pth", weights_only=True)
+    assert config["input_scale"] is not None and config["channels"] == "gray" and config["intensity"] == "percentile"
+    assert config["detections_per_img"] == 100 and len(config["anchor_sizes"]) == 5
+    assert config["opt"] == "adamw" and config["lr"] == 0.002 and config["data_augmentation"] == "cells"
+    assert state["schedule"]["total_iters"] == state["global_step"] == 3      # 3 images, 2 passes, batches of 2
+    log = (tmp_path / "runs" / "own" / "train.log").read_text()
+    assert "sizes from the data: input scale" in log and "cosine schedule over 3 iterations" in log
+    assert math.isfinite(state["metrics"].get("segm_AP", float("nan")))
