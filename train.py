@@ -22,7 +22,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from datasets import build_dataset, dataset_defaults, dataset_names  # noqa: E402
-from datasets.statistics import check_objects, recommend_sizes, statistics_from_coco  # noqa: E402
+from datasets.statistics import check_objects, recommend_sizes, resize_factor, statistics_from_coco  # noqa: E402
 from engine import distributed  # noqa: E402
 from engine.budget import format_duration, parse_duration  # noqa: E402
 from engine.checkpoint import CheckpointError, find_latest, load_checkpoint  # noqa: E402
@@ -173,7 +173,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 # Options the data's object and image sizes choose when neither the user nor the dataset's
-# defaults fix them (datasets/statistics.py). Giving any of the geometry keys fixes the geometry.
+# defaults fix them (datasets/statistics.py). A scale fixed by flags (--input-scale, or
+# --min-size/--max-size) still gets anchors from the data, measured at that scale.
 GEOMETRY_KEYS = ("input_scale", "min_size", "max_size", "anchor_sizes")
 CAP_KEYS = ("detections_per_img", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test")
 
@@ -276,23 +277,23 @@ def resolve_from_data(config: TrainConfig, pinned: set[str], train_set) -> Train
         image, _ = train_set[0]   # no transforms yet: the image as stored
         changes["channels"] = image_channels(image)
         log.info("channels: %s (from %s)", changes["channels"], _first_image_name(train_set))
-    open_geometry = not (pinned & set(GEOMETRY_KEYS))
-    open_caps = [k for k in CAP_KEYS if k not in pinned]
-    if open_geometry or open_caps:
+    scale_open = not pinned & {"input_scale", "min_size", "max_size"}
+    open_keys = [*(("input_scale",) if scale_open else ()), *(k for k in ("anchor_sizes", *CAP_KEYS) if k not in pinned)]
+    if open_keys:
         started = time.time()
         stats = statistics_from_coco(train_set.coco_gt())
         check_objects(stats, f"training data of --dataset {config.dataset} ({config.data_path or 'built in'})")
-        recommended, reasons = recommend_sizes(stats)
+        scale = None
+        if not scale_open:   # anchors follow the scale the flags fixed
+            scale = config.input_scale or resize_factor(stats, config.min_size, config.max_size)
+        recommended, reasons = recommend_sizes(stats, scale)
         log.info("data: %s (%.1f s)", stats.describe(), time.time() - started)
-        keys = [*(("input_scale", "anchor_sizes") if open_geometry else ()), *open_caps]
-        for key in keys:
+        for key in open_keys:
             changes[key] = recommended[key]
+        topics = {"input": "input_scale", "anchors": "anchor_sizes", "detections": "detections_per_img"}
         for line in reasons:
-            if line.split(" ")[0] in ("input", "anchors") and not open_geometry:
-                continue
-            if line.startswith("detections") and "detections_per_img" not in open_caps:
-                continue
-            log.info("sizes from the data: %s", line)
+            if topics.get(line.split(" ")[0]) in open_keys:
+                log.info("sizes from the data: %s", line)
     return dataclasses.replace(config, **changes) if changes else config
 
 

@@ -108,11 +108,20 @@ def _nice(value: float) -> float:
     return float(f"{value:.2g}")
 
 
-def recommend_sizes(stats: DataStatistics) -> tuple[dict, list[str]]:
-    """Model options for this data and one line per choice saying why (see the module docstring)."""
+def resize_factor(stats: DataStatistics, min_size: int, max_size: int) -> float:
+    """The typical factor of torchvision's min/max-size resize on these images."""
+    short, long = float(np.median(stats.image_sizes.min(axis=1))), float(np.median(stats.image_sizes.max(axis=1)))
+    return min(min_size / short, max_size / long)
+
+
+def recommend_sizes(stats: DataStatistics, scale: float | None = None) -> tuple[dict, list[str]]:
+    """Model options for this data and one line per choice saying why (see the module docstring).
+    ``scale``: the input scale already fixed (by a flag); anchors and caps follow it."""
     median = float(np.median(stats.diameters))
     low, high = NATIVE_DIAMETER
-    if low <= median <= high:
+    if scale is not None:
+        why = f"given (median object diameter {median:.1f} px → {median * scale:.1f} px)"
+    elif low <= median <= high:
         scale, why = 1.0, f"median object diameter {median:.1f} px is within {low:.0f}–{high:.0f} px: native resolution"
     else:
         target = ENLARGE_TO if median < low else SHRINK_TO

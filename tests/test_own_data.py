@@ -238,3 +238,13 @@ def test_folder_run_takes_sizes_from_the_data(tmp_path):
     log = (tmp_path / "runs" / "own" / "train.log").read_text()
     assert "sizes from the data: input scale" in log and "cosine schedule over 3 iterations" in log
     assert math.isfinite(state["metrics"].get("segm_AP", float("nan")))
+
+
+def test_a_scale_given_by_flags_still_gets_anchors_from_the_data():
+    stats = stats_of(np.linspace(10, 30, 200), image=(500, 1000))
+    native, _ = recommend_sizes(stats)
+    doubled, reasons = recommend_sizes(stats, scale=2.0)
+    assert doubled["input_scale"] == 2.0 and doubled["anchor_sizes"][0] == 2 * native["anchor_sizes"][0]
+    assert "given" in reasons[0]
+    from datasets.statistics import resize_factor
+    assert resize_factor(stats, 800, 1333) == pytest.approx(1.333, abs=1e-3)   # 500×1000 → long side 1333
