@@ -335,10 +335,10 @@ def main(args: argparse.Namespace, started: float | None = None) -> dict:
     state = load_checkpoint(resume_from) if resume_from is not None else None
     if state is None:
         config = resolve_from_data(config, pinned, train_set)
-    else:   # the data decided these when the run started; the checkpoint keeps them
+    else:   # the data decided these (and --max-time the length) when the run started; the checkpoint keeps them
         saved = state.get("config", {})
         config = dataclasses.replace(config, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()
-                                                if k in (*GEOMETRY_KEYS, *CAP_KEYS, "channels", "model")
+                                                if k in (*GEOMETRY_KEYS, *CAP_KEYS, "channels", "model", "max_time")
                                                 and k not in pinned})
     contract = Preprocessing.from_config(config.to_dict())
     train_set.transforms = build_transforms(config.data_augmentation, True, contract)

@@ -92,8 +92,9 @@ def test_max_time_fixes_the_run_length_and_resume_keeps_it(tmp_path):
     state = torch.load(run_dir / "last.pth", weights_only=True)
     schedule = state["schedule"]
     assert schedule["fixed"] and state["global_step"] == schedule["total_iters"] > 7   # more than the measured steps
+    assert schedule["total_iters"] < 26 * 4                       # not the unbudgeted 26 epochs of 4 steps
     assert "coco" in report                                       # the final evaluation ran
-    assert elapsed < 1.5 * budget + 5, elapsed                    # estimates on a busy 2-core machine vary
+    assert elapsed < 2 * budget + 10, elapsed                     # estimates on a busy 2-core machine vary
     log = (run_dir / "train.log").read_text()
     assert "time budget" in log and "training ends in about" in log
     # Resuming a finished budgeted run keeps its fixed length: nothing more to train.
