@@ -53,7 +53,7 @@ def read_image(path: str, expected_size: tuple[int, int] | None = None) -> np.nd
                 raise DatasetError(f"{path}: pixel values outside 0..65535 ({array.dtype})")
             array = array.astype(np.uint16)
         else:
-            array = array.astype(np.float32)  # float TIFFs: assumed already in [0, 1]
+            array = array.astype(np.float32)  # any range: the preprocessing contract scales it
     if expected_size is not None and array.shape[:2] != tuple(expected_size):
         raise DatasetError(f"{path}: image is {array.shape[0]}×{array.shape[1]}, "
                            f"annotations say {expected_size[0]}×{expected_size[1]}")
