@@ -19,23 +19,18 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
-from utils.masks import lazy_zeros
+from utils.masks import lazy_zeros, nearest_source_index
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def _source_index(out_len: int, in_len: int) -> np.ndarray:
-    """Nearest source pixel of each output pixel (pixel-centre convention, like bilinear)."""
-    return np.minimum(((np.arange(out_len) + 0.5) * in_len / out_len).astype(np.int64), in_len - 1)
-
-
 def resize_instance_masks(masks: np.ndarray, boxes: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """uint8 masks ``N×H×W`` → ``N×out_h×out_w`` (nearest), touching only each instance's box
     (grown by one pixel); pixels outside the boxes are zero."""
     n, h, w = masks.shape
-    ys, xs = _source_index(out_h, h), _source_index(out_w, w)
+    ys, xs = nearest_source_index(out_h, h), nearest_source_index(out_w, w)
     out = lazy_zeros(n, out_h, out_w)
     for k, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, dtype=np.float64).reshape(-1, 4)):
         bx0, by0 = max(int(np.floor(x0)) - 1, 0), max(int(np.floor(y0)) - 1, 0)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from transforms.preprocess import Preprocessing, to_model_input
-from utils.masks import lazy_zeros
+from utils.masks import lazy_zeros, nearest_source_index
 
 # Target entries with one row per instance; transforms that drop instances index all of them.
 INSTANCE_KEYS = ("boxes", "labels", "masks", "area", "iscrowd")
@@ -231,8 +231,8 @@ class RandomScaleCrop:
                                   antialias=r < 1)[0].clamp_(0, 1)
         # Source pixel of each output row/column: nearest-exact, the same pixel-centre
         # convention as the bilinear image resize above.
-        ys = y0 + np.minimum(((np.arange(crop_h) + 0.5) * (y1 - y0) / crop_h).astype(np.int64), y1 - y0 - 1)
-        xs = x0 + np.minimum(((np.arange(crop_w) + 0.5) * (x1 - x0) / crop_w).astype(np.int64), x1 - x0 - 1)
+        ys = y0 + nearest_source_index(crop_h, y1 - y0)
+        xs = x0 + nearest_source_index(crop_w, x1 - x0)
         masks = target["masks"].numpy()
         kept, regions, boxes, areas = [], [], [], []
         for k, (bx0, by0, bx1, by1) in enumerate(integer_boxes(target["boxes"], h, w)):

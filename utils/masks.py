@@ -566,6 +566,12 @@ def label_image_to_instances(label_image: np.ndarray, return_boxes: bool = False
     return (masks, values, boxes, areas) if return_boxes else (masks, values)
 
 
+def nearest_source_index(out_len: int, in_len: int) -> np.ndarray:
+    """Nearest source pixel of each of ``out_len`` output pixels resampling ``in_len`` (pixel-centre
+    convention, as bilinear ``align_corners=False``): the one nearest-neighbour rule for masks."""
+    return np.minimum(((np.arange(out_len) + 0.5) * in_len / out_len).astype(np.int64), in_len - 1)
+
+
 def lazy_zeros(n: int, height: int, width: int) -> np.ndarray:
     """uint8 zeros ``n×height×width`` whose memory the OS provides only where written.
 
