@@ -24,10 +24,27 @@ MIN_WARMUP = 3             # ... except that a run of a dozen steps still gets a
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW over the trainable parameters, as ``config`` says.
+
+    The fused implementation updates every parameter in one kernel where PyTorch has one (CPU
+    and CUDA, floating-point parameters): on a 2-core CPU it turns AdamW's per-tensor loop over
+    an R18-FPN from about half a second per step into a few tens of milliseconds. The update is
+    the same algorithm; only the floating-point order of operations differs.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = can_fuse(params)
     if config.opt == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                               fused=fused)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+
+
+def can_fuse(params: list[torch.Tensor]) -> bool | None:
+    """True when every parameter is a floating-point tensor on one CPU or CUDA device."""
+    devices = {p.device for p in params}
+    if len(devices) != 1 or next(iter(devices)).type not in ("cpu", "cuda"):
+        return None
+    return all(p.is_floating_point() for p in params) or None
 
 
 @dataclass
