@@ -81,7 +81,7 @@ def timed(fn, repeats: int) -> list[float]:
 def coco_dense_decode(repeats: int) -> None:
     """A LIVECell-like dense image in COCO format: 500 polygon cells on 520×704."""
     from pycocotools import mask as mask_utils
-    from utils.masks import coco_rles_to_masks
+    from utils.coco_rle import coco_rles_to_masks
     rng = np.random.default_rng(0)
     height, width = 520, 704
     angles = np.linspace(0, 2 * np.pi, 12, endpoint=False)
@@ -116,7 +116,7 @@ def main() -> None:
     import torch
     from datasets import build_dataset
     from transforms import build_transforms
-    from utils.masks import decode_kaggle_rle
+    from utils.kaggle_rle import decode_kaggle_rle
 
     torch.set_num_threads(1)
     csv_path = os.path.join(args.work_dir, "train.csv")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from utils.masks import fortran_indices_to_rle
+from utils.coco_rle import fortran_indices_to_rle
 
 CELL_TYPES = ("shsy5y", "astro", "cort")
 

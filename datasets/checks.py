@@ -19,7 +19,7 @@ from datasets.folder import load_instances, scan_folder
 from datasets.imageio import read_image
 from datasets.sartorius import CLASS_NAMES as SARTORIUS_CLASSES
 from datasets.sartorius import read_index
-from utils.masks import parse_kaggle_rle
+from utils.kaggle_rle import parse_kaggle_rle
 
 
 @dataclass

@@ -31,7 +31,7 @@ from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
 from datasets.imageio import read_image, read_image_size
 from datasets.registry import register_dataset
 from datasets.targets import make_target
-from utils.masks import coco_rles_to_masks
+from utils.coco_rle import coco_rles_to_masks
 
 
 def load_json(path: str) -> dict:

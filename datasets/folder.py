@@ -30,8 +30,9 @@ from datasets.imageio import IMAGE_EXTENSIONS, read_image, read_image_size, read
 from datasets.registry import register_dataset
 from datasets.splits import random_split
 from datasets.targets import make_target
-from utils.masks import (box_masks_to_coco_rle, encode_coco_rle, label_image_to_box_masks, label_image_to_instances,
-                         masks_to_boxes)
+from utils.box_masks import box_masks_to_coco_rle, masks_to_boxes
+from utils.coco_rle import encode_coco_rle
+from utils.label_images import label_image_to_box_masks, label_image_to_instances
 
 MASK_SUFFIXES = ("", "_masks", "_mask", "_label", "_labels")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff")

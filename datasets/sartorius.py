@@ -37,8 +37,9 @@ from datasets.imageio import read_image, read_image_size
 from datasets.registry import register_dataset
 from datasets.splits import check_fold, grouped_stratified_folds
 from datasets.targets import make_target
-from utils.masks import (fill_holes, fill_kaggle_runs, kaggle_rle_to_coco_rle, kaggle_runs_box, lazy_zeros,
-                         parse_kaggle_rle)
+from datasets.targets import fill_holes
+from utils.arrays import lazy_zeros
+from utils.kaggle_rle import fill_kaggle_runs, kaggle_rle_to_coco_rle, kaggle_runs_box, parse_kaggle_rle
 
 CLASS_NAMES = ["shsy5y", "astro", "cort"]
 REQUIRED_COLUMNS = ("id", "annotation", "width", "height", "cell_type", "sample_id")

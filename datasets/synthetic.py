@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from datasets.registry import register_dataset
-from utils.masks import encode_coco_rle, masks_to_boxes
+from utils.box_masks import masks_to_boxes
+from utils.coco_rle import encode_coco_rle
 
 CLASS_NAMES = ["round", "elongated"]
 

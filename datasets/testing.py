@@ -13,7 +13,8 @@ import os
 import cv2
 import numpy as np
 
-from utils.masks import encode_coco_rle, masks_to_boxes
+from utils.box_masks import masks_to_boxes
+from utils.coco_rle import encode_coco_rle
 
 SARTORIUS_COLUMNS = ["id", "annotation", "width", "height", "cell_type", "plate_time", "sample_date",
                      "sample_id", "elapsed_timedelta"]

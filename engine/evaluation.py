@@ -15,7 +15,7 @@ import torch
 from engine import distributed
 from engine.inference import detect
 from metrics import evaluate_predictions
-from utils.masks import detections_to_coco_results
+from utils.instances import detections_to_coco_results
 
 log = logging.getLogger(__name__)
 

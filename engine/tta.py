@@ -23,7 +23,7 @@ import torch
 from engine.evaluation import autocast_context
 from engine.inference import detect, unwrap
 from utils.instances import Instances
-from utils.masks import BoxMasks, paste_masks_in_boxes
+from utils.box_masks import BoxMasks, paste_masks_in_boxes
 
 FLIPS = ("none", "h", "v", "hv")
 

@@ -33,7 +33,7 @@ from pycocotools import mask as mask_utils
 
 from metrics.coco import det_rle, gt_rle
 from metrics.sartorius import scores_from_hits
-from utils.masks import fortran_indices_to_rle, rle_to_fortran_indices
+from utils.coco_rle import fortran_indices_to_rle, rle_to_fortran_indices
 
 SCORE_GRID = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2).tolist())
 MIN_SIZE_GRID = (0, 10, 25, 50, 75, 100, 150, 200, 300)

@@ -9,7 +9,7 @@ import torch
 from datasets import build_dataset
 from datasets.errors import DatasetError
 from datasets.testing import write_instance_folder, write_label_folder
-from utils.masks import decode_coco_rle
+from utils.coco_rle import decode_coco_rle
 
 
 def test_label_images_8_and_16_bit(tmp_path):

@@ -7,7 +7,8 @@ from datasets.testing import random_label_image
 from metrics.aji import (aggregated_jaccard_index, label_image_sartorius_score, label_image_scores, label_overlap,
                          score_label_images)
 from metrics.sartorius import THRESHOLDS, sartorius_score
-from utils.masks import encode_coco_rle, label_image_to_instances
+from utils.coco_rle import encode_coco_rle
+from utils.label_images import label_image_to_instances
 
 
 def reference_aji(gt: np.ndarray, pred: np.ndarray) -> float:

@@ -9,7 +9,7 @@ from bench.workload import make_random_case, make_workload
 from metrics import evaluate_predictions
 from metrics.coco import evaluate_coco, match_group
 from metrics.reference import load_coco, pycocotools_eval
-from utils.masks import fortran_indices_to_rle, rle_area, rle_counts, rle_to_fortran_indices
+from utils.coco_rle import fortran_indices_to_rle, rle_area, rle_counts, rle_to_fortran_indices
 
 # pycocotools' decode trips a numpy-2 DeprecationWarning; overlapping raw predictions warn by design.
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -115,7 +115,7 @@ def test_synthetic_dataset_ground_truth_is_accepted():
     assert report["sartorius"]["score"] == pytest.approx(1.0)
 
 
-# --- RLE helpers in utils/masks.py ------------------------------------------------------------
+# --- RLE helpers in utils/coco_rle.py ---------------------------------------------------------
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2 ** 32 - 1), h=st.integers(1, 30), w=st.integers(1, 30), p=st.floats(0, 1))

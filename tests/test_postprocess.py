@@ -8,7 +8,7 @@ from pycocotools import mask as mask_utils
 from bench.workload import ellipse_indices, make_workload
 from metrics.postprocess import apply_postprocess, mask_nms, search_postprocess
 from metrics.sartorius import masks_overlap, sartorius_score
-from utils.masks import fortran_indices_to_rle, rle_to_fortran_indices
+from utils.coco_rle import fortran_indices_to_rle, rle_to_fortran_indices
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:.*overlapping predicted masks:UserWarning")]

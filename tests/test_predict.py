@@ -18,7 +18,9 @@ from engine.checkpoint import save_checkpoint
 from engine.config import TrainConfig
 from transforms.preprocess import Preprocessing, to_model_input
 from utils.image_files import decode_image, expand_inputs
-from utils.masks import decode_coco_rle, decode_kaggle_rle, label_image_to_box_masks
+from utils.coco_rle import decode_coco_rle
+from utils.kaggle_rle import decode_kaggle_rle
+from utils.label_images import label_image_to_box_masks
 from utils.writers import read_label_image, render_overlay, write_label_image
 
 SMALL = dict(model="maskrcnn_resnet18_fpn", min_size=128, max_size=128, anchor_sizes=(8, 16, 32, 64, 128),
@@ -294,7 +296,7 @@ def test_overlay_tints_instances_and_keeps_background():
 
 def test_submission_rows_for_an_image_without_instances():
     from utils.instances import Instances
-    from utils.masks import BoxMasks
+    from utils.box_masks import BoxMasks
     from utils.writers import submission_rows
 
     empty = Instances(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
@@ -312,7 +314,7 @@ def test_detect_matches_torchvision_forward(checkpoint):
     from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
     from engine.evaluation import predict_loader
     from engine.inference import detect
-    from utils.masks import detections_to_coco_results
+    from utils.instances import detections_to_coco_results
 
     model, _ = build_model_from_checkpoint(load_checkpoint(checkpoint))
     model.eval()

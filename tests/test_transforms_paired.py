@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from transforms import PRESETS, build_transforms
 from transforms.core import (ColorJitter, Compose, RandomHorizontalFlip, RandomRot90, RandomScaleCrop,
                              RandomVerticalFlip, ToFloatImage, boxes_from_masks)
-from utils.masks import masks_to_boxes
+from utils.box_masks import masks_to_boxes
 
 
 def make_sample(seed: int, h: int, w: int, n: int):

@@ -7,7 +7,7 @@ import torch
 
 from engine.tta import cluster_boxes, flip_image, predict_tta, unflip_detections, weighted_segments_fusion
 from utils.instances import Instances
-from utils.masks import paste_masks_in_boxes
+from utils.box_masks import paste_masks_in_boxes
 
 
 def det(boxes, scores, labels, probs, size=(60, 80)) -> dict:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from transforms.preprocess import Preprocessing, to_model_input
-from utils.masks import lazy_zeros, nearest_source_index
+from utils.arrays import lazy_zeros, nearest_source_index
 
 # Target entries with one row per instance; transforms that drop instances index all of them.
 INSTANCE_KEYS = ("boxes", "labels", "masks", "area", "iscrowd")

@@ -14,7 +14,7 @@ import numpy as np
 
 from utils.instances import Instances
 from utils.io import atomic_path, write_json_atomic, write_text_atomic
-from utils.masks import box_masks_to_kaggle_rles
+from utils.box_masks import box_masks_to_kaggle_rles
 
 UINT16_MAX_LABELS = np.iinfo(np.uint16).max
 
