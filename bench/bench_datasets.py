@@ -46,7 +46,7 @@ def per_image_counts(num_images: int, total: int, maximum: int, rng: np.random.G
 
 
 def generate(work_dir: str) -> None:
-    from datasets.testing import write_sartorius
+    from tests.fixtures.data_writers import write_sartorius
     rng = np.random.default_rng(0)
     counts, types = [], []
     for name, (images, annotations, maximum) in TYPES.items():

@@ -76,6 +76,13 @@ def normalize_ground_truth(gt: Any) -> dict:
     return gt
 
 
+def subset_ground_truth(gt: dict, image_ids: set) -> dict:
+    """COCO ground truth restricted to ``image_ids`` (their images and annotations; all categories)."""
+    return {"images": [im for im in gt["images"] if im["id"] in image_ids],
+            "annotations": [a for a in gt["annotations"] if a["image_id"] in image_ids],
+            "categories": gt["categories"]}
+
+
 def check_ground_truth(gt: dict, iou_types=("segm", "bbox")) -> None:
     """COCO ground truth: unique image/annotation/category ids, known references, valid masks."""
     for key in ("images", "annotations", "categories"):

@@ -8,7 +8,7 @@ import torch
 from datasets import build_dataset
 from datasets.coco import CocoDataset
 from datasets.errors import DatasetError
-from datasets.testing import write_coco
+from tests.fixtures.data_writers import write_coco
 
 
 def options(path, root):

@@ -8,7 +8,7 @@ import torch
 
 from datasets import build_dataset
 from datasets.errors import DatasetError
-from datasets.testing import write_instance_folder, write_label_folder
+from tests.fixtures.data_writers import write_instance_folder, write_label_folder
 from utils.coco_rle import decode_coco_rle
 
 

@@ -10,7 +10,7 @@ import torch
 from datasets import build_dataset, dataset_defaults
 from datasets.errors import DatasetError
 from datasets.sartorius import SARTORIUS_DEFAULTS
-from datasets.testing import SARTORIUS_COLUMNS, write_sartorius
+from tests.fixtures.data_writers import SARTORIUS_COLUMNS, write_sartorius
 from transforms import build_transforms
 from utils.coco_rle import decode_coco_rle
 from utils.kaggle_rle import decode_kaggle_rle

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import evaluate
-from bench.workload import make_random_case, make_workload
+from tests.fixtures.workload import make_random_case, make_workload
 from metrics import InvalidInputError, evaluate_predictions
 from metrics.reference import load_coco, pycocotools_eval
 

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
-from bench.workload import make_random_case, make_workload
+from tests.fixtures.workload import make_random_case, make_workload
 from metrics import evaluate_predictions
 from metrics.coco import evaluate_coco, match_group
 from metrics.reference import load_coco, pycocotools_eval

@@ -14,7 +14,7 @@ import torch
 import train
 from datasets.statistics import DataStatistics, check_objects, recommend_sizes, statistics_from_coco
 from datasets.errors import DatasetError
-from datasets.testing import write_label_folder
+from tests.fixtures.data_writers import write_label_folder
 from engine.budget import budget_total_iters, parse_duration
 from engine.config import TrainConfig
 from engine.data import TrainBatchSampler
