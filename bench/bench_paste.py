@@ -27,7 +27,7 @@ from pycocotools import mask as mask_utils  # noqa: E402
 from torchvision.models.detection.roi_heads import paste_masks_in_image  # noqa: E402
 
 from utils.box_masks import (box_masks_to_coco_rle, box_masks_to_kaggle_rles, paste_masks_in_boxes,  # noqa: E402
-                             remove_overlaps)
+                             resolve_overlaps)
 from utils.label_images import box_masks_to_label_image  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def fast_step(boxes, probs, height, width) -> list[dict]:
 def fast_outputs_step(boxes, probs, scores, height, width):
     masks = paste_masks_in_boxes(probs, boxes, height, width)
     rles = box_masks_to_coco_rle(masks)
-    _, resolved = remove_overlaps(masks, scores.numpy())
+    _, resolved = resolve_overlaps(masks, scores.numpy())
     return rles, box_masks_to_label_image(resolved), box_masks_to_kaggle_rles(resolved)
 
 

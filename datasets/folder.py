@@ -135,13 +135,8 @@ def instance_annotations(item: FolderItem) -> list[tuple[dict, np.ndarray, float
                 for rle, box, mask in zip(encode_coco_rle(masks), masks_to_boxes(masks), masks)]
     label = read_label_image(item.mask_paths[0])
     _check_size(item, item.mask_paths[0], label.shape)
-    values, dense = np.unique(label, return_inverse=True)
-    dense = dense.reshape(label.shape).astype(np.int64)
-    if len(values) and values[0] != 0:
-        dense += 1                     # no background pixel: label k is still instance k
-    masks = label_image_to_box_masks(dense)
-    areas = [float(crop.sum()) for crop in masks.crops]
-    return list(zip(box_masks_to_coco_rle(masks), masks.tight_boxes(), areas))
+    masks, _ = label_image_to_box_masks(label)
+    return list(zip(box_masks_to_coco_rle(masks), masks.tight_boxes(), masks.areas().astype(float).tolist()))
 
 
 def _check_size(item: FolderItem, path: str, shape) -> None:

@@ -112,7 +112,7 @@ def test_fill_holes_train_only(tmp_path):
     ring = np.zeros((20, 30), np.uint8)
     ring[2:9, 2:9] = 1
     ring[4:7, 4:7] = 0
-    from utils.kaggle_rle import encode_kaggle_rle
+    from tests.fixtures.data_writers import encode_kaggle_rle
     write_csv(tmp_path, [("a", encode_kaggle_rle(ring), "astro", "s1"), ("b", "1 3", "astro", "s2")], images=("a", "b"))
     options = {"data_path": str(tmp_path), "num_folds": 2}
     train = build_dataset("sartorius", "train", options)

@@ -13,25 +13,32 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from utils.arrays import lazy_zeros
 from utils.coco_rle import decode_coco_rle
+from utils.overlap import remove_overlap
+
+
+def tight_box(mask: np.ndarray, top: int = 0, left: int = 0) -> np.ndarray:
+    """Tight xyxy box (float32 ``4``, exclusive max edge) of a binary ``h×w`` mask whose top-left
+    pixel sits at image row ``top``, column ``left``; all zeros when the mask is empty.
+
+    The one tight-box rule: dense stacks, box crops and the crop transform all use it.
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    if len(rows) == 0:
+        return np.zeros(4, dtype=np.float32)
+    cols = np.flatnonzero(mask.any(axis=0))
+    return np.array([left + cols[0], top + rows[0], left + cols[-1] + 1, top + rows[-1] + 1], dtype=np.float32)
 
 
 def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
-    """Tight xyxy boxes (float32 ``N×4``, exclusive max edge) of binary masks ``N×H×W``.
+    """Tight xyxy boxes (float32 ``N×4``) of binary masks ``N×H×W`` (``tight_box`` of each).
 
     Empty masks give an all-zero box (degenerate; callers drop them).
     """
-    n = len(masks)
-    boxes = np.zeros((n, 4), dtype=np.float32)
-    if n == 0:
-        return boxes
-    rows = masks.any(axis=2)
-    cols = masks.any(axis=1)
-    for i in range(n):
-        ys = np.flatnonzero(rows[i])
-        xs = np.flatnonzero(cols[i])
-        if len(ys):
-            boxes[i] = (xs[0], ys[0], xs[-1] + 1, ys[-1] + 1)
+    boxes = np.zeros((len(masks), 4), dtype=np.float32)
+    for i, mask in enumerate(masks):
+        boxes[i] = tight_box(mask)
     return boxes
 
 
@@ -66,16 +73,15 @@ class BoxMasks:
     def tight_boxes(self) -> np.ndarray:
         """Tight xyxy boxes (float32 ``N×4``, exclusive max edge); empty masks give zeros."""
         boxes = np.zeros((len(self), 4), dtype=np.float32)
-        for i, (crop, (y0, x0)) in enumerate(zip(self.crops, self.offsets)):
-            ys = np.flatnonzero(crop.any(axis=1))
-            xs = np.flatnonzero(crop.any(axis=0))
-            if len(ys):
-                boxes[i] = (x0 + xs[0], y0 + ys[0], x0 + xs[-1] + 1, y0 + ys[-1] + 1)
+        for i, (crop, (y0, x0)) in enumerate(zip(self.crops, self.offsets.tolist())):
+            if crop.size:
+                boxes[i] = tight_box(crop, y0, x0)
         return boxes
 
     def to_dense(self) -> np.ndarray:
-        """``N×H×W`` uint8 — for tests and small images only (this is what the class avoids)."""
-        dense = np.zeros((len(self), self.height, self.width), dtype=np.uint8)
+        """``N×H×W`` uint8 (this is what the class avoids; a lazily mapped array, so only the
+        pages the boxes touch take memory — see ``utils.arrays.lazy_zeros``)."""
+        dense = lazy_zeros(len(self), self.height, self.width)
         for i, (crop, (y0, x0)) in enumerate(zip(self.crops, self.offsets)):
             h, w = crop.shape
             dense[i, y0:y0 + h, x0:x0 + w] = crop
@@ -204,36 +210,36 @@ def coco_rle_to_box_masks(rles: list[dict], height: int, width: int) -> BoxMasks
     crops = []
     for i, rle in enumerate(rles):
         mask = decode_coco_rle([rle], height, width)[0]
-        box = masks_to_boxes(mask[None])[0].astype(np.int64)
+        box = tight_box(mask).astype(np.int64)
         x0, y0, x1, y1 = box.tolist()
         offsets[i] = (y0, x0)
         crops.append(mask[y0:y1, x0:x1].astype(bool))
     return BoxMasks(height, width, offsets, crops)
 
 
-def remove_overlaps(masks: BoxMasks, scores: np.ndarray) -> tuple[np.ndarray, BoxMasks]:
-    """Give each pixel to the highest-scoring mask that claims it; drop masks left empty.
+def resolve_overlaps(masks: BoxMasks, scores: np.ndarray) -> tuple[np.ndarray, BoxMasks]:
+    """Give each pixel to the highest-scoring mask that claims it; drop masks left empty
+    (``utils.overlap.remove_overlap`` with minimum size 1).
 
     Returns ``(kept, resolved)``: indices into ``masks`` in descending score order (ties keep
     input order) and their non-overlapping crops (same offsets and crop shapes as before).
     """
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    taken = np.zeros((masks.height, masks.width), dtype=bool)
-    kept, crops = [], []
+    width = masks.width
+    pixels = []
     for i in order.tolist():
-        crop = masks.crops[i]
-        if not crop.size:
-            continue
+        ys, xs = np.nonzero(masks.crops[i])
         y0, x0 = masks.offsets[i].tolist()
-        h, w = crop.shape
-        region = taken[y0:y0 + h, x0:x0 + w]
-        free = crop & ~region
-        if free.any():
-            region |= free
-            kept.append(i)
-            crops.append(free)
-    kept_arr = np.asarray(kept, dtype=np.int64)
-    return kept_arr, BoxMasks(masks.height, masks.width, masks.offsets[kept_arr].reshape(-1, 2), crops)
+        pixels.append((ys + y0) * width + xs + x0)        # row-major image indices
+    kept_pos, visible = remove_overlap(pixels, np.ones(len(order), dtype=np.int64), masks.height * width)
+    kept = order[np.asarray(kept_pos, dtype=np.int64)]
+    crops = []
+    for i, vis in zip(kept.tolist(), visible):
+        y0, x0 = masks.offsets[i].tolist()
+        crop = np.zeros(masks.crops[i].shape, dtype=bool)
+        crop[vis // width - y0, vis % width - x0] = True
+        crops.append(crop)
+    return kept, BoxMasks(masks.height, masks.width, masks.offsets[kept].reshape(-1, 2), crops)
 
 
 def box_masks_to_kaggle_rles(masks: BoxMasks) -> list[str]:

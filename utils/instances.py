@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from utils.box_masks import (BoxMasks, box_masks_to_coco_rle, coco_rle_to_box_masks, paste_masks_in_boxes,
-                             remove_overlaps)
+                             resolve_overlaps)
 from utils.coco_rle import encode_coco_rle
 
 
@@ -64,7 +64,7 @@ class Instances:
     def non_overlapping(self) -> "Instances":
         """Descending score; each pixel kept by the highest-scoring mask; empty masks dropped;
         boxes tightened to the remaining pixels."""
-        kept, resolved = remove_overlaps(self.masks, self.scores)
+        kept, resolved = resolve_overlaps(self.masks, self.scores)
         return Instances(resolved.tight_boxes(), self.scores[kept], self.labels[kept], resolved)
 
     def to_coco_results(self, image_id: Any) -> list[dict]:

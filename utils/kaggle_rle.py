@@ -50,23 +50,15 @@ def fill_kaggle_runs(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, 
 def decode_kaggle_rle(rle: str, height: int, width: int) -> np.ndarray:
     """Kaggle RLE string → binary mask ``H×W`` uint8 (validated, see ``parse_kaggle_rle``).
 
-    ``""`` decodes to an empty mask, the inverse of ``encode_kaggle_rle``; dataset readers
-    that must reject empty annotations call ``parse_kaggle_rle`` directly.
+    ``""`` (what ``utils.box_masks.box_masks_to_kaggle_rles`` writes for an empty mask) decodes to
+    an empty mask; dataset readers that must reject empty annotations call ``parse_kaggle_rle``
+    directly.
     """
     flat = np.zeros(height * width, dtype=np.uint8)
     if rle.strip():
         starts, lengths = parse_kaggle_rle(rle, height, width)
         fill_kaggle_runs(flat, starts, lengths)
     return flat.reshape(height, width)
-
-
-def encode_kaggle_rle(mask: np.ndarray) -> str:
-    """Binary mask ``H×W`` → Kaggle RLE string (1-indexed starts, row-major); ``""`` when empty."""
-    flat = np.concatenate([[0], np.asarray(mask).reshape(-1) != 0, [0]]).astype(np.int8)
-    edges = np.flatnonzero(np.diff(flat))        # alternating run starts and run ends (0-indexed)
-    starts, ends = edges[0::2], edges[1::2]
-    pairs = np.stack([starts + 1, ends - starts], axis=1).reshape(-1)
-    return " ".join(map(str, pairs.tolist()))
 
 
 def kaggle_runs_box(starts: np.ndarray, lengths: np.ndarray, width: int) -> tuple[int, int, int, int]:
