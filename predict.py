@@ -112,11 +112,7 @@ def load_postprocess(path: str) -> Callable[[list[dict], int, int], list[dict]]:
         params = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise PredictError(f"--postprocess {path}: cannot read JSON ({exc})") from exc
-    try:
-        from metrics.postprocess import apply_postprocess
-    except ImportError as exc:
-        raise PredictError("--postprocess needs metrics.postprocess (evaluate.py's post-processing), "
-                           f"which this installation lacks ({exc})") from exc
+    from metrics.postprocess import apply_postprocess
     return lambda results, height, width: apply_postprocess(results, params, height, width)
 
 

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
-from datasets.imageio import IMAGE_EXTENSIONS, read_image, read_image_size, read_label_image
+from datasets.imageio import read_image, read_image_size, read_label_image
 from datasets.registry import register_dataset
 from datasets.splits import random_split
 from datasets.targets import make_target
 from utils.box_masks import box_masks_to_coco_rle, masks_to_boxes
 from utils.coco_rle import encode_coco_rle
+from utils.image_files import IMAGE_EXTENSIONS
 from utils.label_images import label_image_to_box_masks, label_image_to_instances
 
 MASK_SUFFIXES = ("", "_masks", "_mask", "_label", "_labels")
@@ -206,7 +207,9 @@ FOLDER_DEFAULTS = {
 }
 
 
-@register_dataset("folder", defaults=FOLDER_DEFAULTS)
+@register_dataset("folder", defaults=FOLDER_DEFAULTS,
+                  options={"data_path": str, "val_path": str, "val_fraction": float, "split_seed": int,
+                           "class_name": str, "skip_bad": bool})
 def build_folder(split: str, options: dict, transforms=None) -> FolderDataset:
     root = options.get("data_path")
     if not root:

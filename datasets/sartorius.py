@@ -279,7 +279,10 @@ SARTORIUS_DEFAULTS = {
 }
 
 
-@register_dataset("sartorius", defaults=SARTORIUS_DEFAULTS)
+@register_dataset("sartorius", defaults=SARTORIUS_DEFAULTS,
+                  options={"data_path": str, "train_csv": str, "image_dir": str, "num_folds": int, "fold": int,
+                           "fold_seed": int, "fill_holes": bool, "drop_duplicates": bool, "skip_bad": bool,
+                           "check_images": bool})
 def build_sartorius(split: str, options: dict, transforms=None) -> SartoriusDataset:
     root = options.get("data_path")
     if not root:

@@ -196,7 +196,9 @@ SYNTHETIC_DEFAULTS = {
 }
 
 
-@register_dataset("synthetic", defaults=SYNTHETIC_DEFAULTS)
+@register_dataset("synthetic", defaults=SYNTHETIC_DEFAULTS,
+                  options={"synthetic_size": int, "synthetic_train_images": int, "synthetic_val_images": int,
+                           "synthetic_seed": int})
 def build_synthetic(split: str, options: dict, transforms=None) -> SyntheticCells:
     size = int(options.get("synthetic_size") or 256)
     count = options.get(f"synthetic_{split}_images") or (64 if split == "train" else 16)

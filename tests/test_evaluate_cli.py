@@ -129,8 +129,7 @@ def test_search_writes_parameters(tmp_path, capsys):
 
 
 def test_checkpoint_mode_calls_the_engine(monkeypatch, tmp_path, capsys):
-    import sys
-    import types
+    import engine.evaluation
     gt, results = make_workload(num_images=1, height=80, width=100, min_cells=10, max_cells=10, seed=1)
     calls = {}
 
@@ -138,9 +137,7 @@ def test_checkpoint_mode_calls_the_engine(monkeypatch, tmp_path, capsys):
         calls.update(locals())
         return evaluate_predictions(gt, results, max_dets or 500), results   # the engine reads the checkpoint's
 
-    module = types.ModuleType("engine.evaluation")
-    module.evaluate_checkpoint = fake
-    monkeypatch.setitem(sys.modules, "engine.evaluation", module)
+    monkeypatch.setattr(engine.evaluation, "evaluate_checkpoint", fake)
     code, out, err = run(capsys, "--checkpoint", "ck.pth", "--dataset", "synthetic", "--data-path", "/data",
                          "--dataset-option", "fold=0", "--device", "cpu", "--out", str(tmp_path / "r.json"))
     assert code == 0, err

@@ -124,7 +124,7 @@ def test_predict_cli_with_tta(tmp_path, capsys):
 
     import predict
     from test_predict import make_checkpoint, synthetic_image
-    from utils.writers import read_label_image
+    from datasets.imageio import read_label_image
 
     checkpoint = make_checkpoint(tmp_path / "c.pth")
     Image.fromarray(synthetic_image(6)).save(tmp_path / "a.png")

@@ -118,3 +118,28 @@ def coco_rles_to_masks(rles: list[dict], height: int, width: int) -> np.ndarray:
         idx = rle_to_fortran_indices(rle)        # x·H + y, column-major
         flat[k, (idx % height) * width + idx // height] = 1
     return masks
+
+
+def segmentation_to_rle(segmentation, height: int, width: int) -> dict:
+    """One ``segmentation`` (polygons, uncompressed or compressed RLE) → one compressed RLE (bytes
+    counts, as pycocotools uses), as pycocotools' ``annToRLE``; the one such conversion (datasets,
+    dataset checks, metrics). Raises ``ValueError`` when malformed."""
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        if not polygons:
+            raise ValueError("no polygon with ≥ 3 points")
+        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        size = list(segmentation["size"])
+        if size != [height, width]:
+            raise ValueError(f"RLE size {size} differs from image size {[height, width]}")
+        counts = segmentation["counts"]
+        if isinstance(counts, list):
+            if sum(counts) != height * width:
+                raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, not {height}×{width}")
+            return mask_utils.frPyObjects(segmentation, height, width)
+        if isinstance(counts, str):
+            return {"size": size, "counts": counts.encode("ascii")}
+        if isinstance(counts, bytes):
+            return {"size": size, "counts": counts}
+    raise ValueError(f"unrecognised segmentation of type {type(segmentation).__name__}")
