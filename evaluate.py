@@ -109,7 +109,7 @@ def evaluate_files(args: argparse.Namespace) -> tuple[dict, dict, list[dict]]:
 
 
 def _dataset_options(args: argparse.Namespace) -> dict:
-    from datasets.registry import parse_option   # checkpoint mode only: --gt/--pred import no torch
+    from datasets.registry import parse_option  # checkpoint mode only: --gt/--pred import no torch
 
     options: dict[str, Any] = {"data_path": args.data_path}
     for item in args.dataset_option:
@@ -128,6 +128,7 @@ def report_from_checkpoint(args: argparse.Namespace) -> tuple[dict, dict | None,
     torchrun too), gathers the results across ranks and calls ``metrics.evaluate_predictions``.
     """
     import torch  # noqa: F401  (heavy imports only in this mode)
+
     from engine.evaluation import evaluate_checkpoint
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

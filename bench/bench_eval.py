@@ -26,12 +26,15 @@ from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.fixtures.workload import make_workload  # noqa: E402
-from metrics.coco import evaluate_coco, group  # noqa: E402
-from metrics.coco import max_dets_list  # noqa: E402
+from metrics.coco import (  # noqa: E402
+    evaluate_coco,
+    group,
+    max_dets_list,  # noqa: E402
+)
 from metrics.reference import load_coco  # noqa: E402
 from metrics.sartorius import sartorius_score  # noqa: E402
 from metrics.validation import check_ground_truth, check_results  # noqa: E402
+from tests.fixtures.workload import make_workload  # noqa: E402
 from utils.io import write_json_atomic  # noqa: E402
 
 

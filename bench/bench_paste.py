@@ -26,8 +26,7 @@ import torch  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 from torchvision.models.detection.roi_heads import paste_masks_in_image  # noqa: E402
 
-from utils.box_masks import (box_masks_to_coco_rle, box_masks_to_kaggle_rles, paste_masks_in_boxes,  # noqa: E402
-                             resolve_overlaps)
+from utils.box_masks import box_masks_to_coco_rle, box_masks_to_kaggle_rles, paste_masks_in_boxes, resolve_overlaps  # noqa: E402
 from utils.label_images import box_masks_to_label_image  # noqa: E402
 
 

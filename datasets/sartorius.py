@@ -36,8 +36,7 @@ from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
 from datasets.imageio import read_image, read_image_size
 from datasets.registry import register_dataset
 from datasets.splits import check_fold, grouped_stratified_folds
-from datasets.targets import make_target
-from datasets.targets import fill_holes
+from datasets.targets import fill_holes, make_target
 from utils.arrays import lazy_zeros
 from utils.kaggle_rle import fill_kaggle_runs, kaggle_rle_to_coco_rle, kaggle_runs_box, parse_kaggle_rle
 

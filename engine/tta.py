@@ -22,8 +22,8 @@ import torch
 
 from engine.evaluation import autocast_context
 from engine.inference import detect, unwrap
-from utils.instances import Instances
 from utils.box_masks import BoxMasks, paste_masks_in_boxes
+from utils.instances import Instances
 
 FLIPS = ("none", "h", "v", "hv")
 

@@ -58,7 +58,9 @@ def test_instance_files_layout_and_gt(tmp_path):
 
 def test_val_split_deterministic_and_seeded(tmp_path):
     write_label_folder(str(tmp_path), 10, height=16, width=16, count=2)
-    names = lambda seed: build_dataset("folder", "val", {"data_path": str(tmp_path), "split_seed": seed}).names
+
+    def names(seed):
+        return build_dataset("folder", "val", {"data_path": str(tmp_path), "split_seed": seed}).names
     assert names(0) == names(0) and len(names(0)) == 2
     assert any(names(0) != names(s) for s in range(1, 6))
 

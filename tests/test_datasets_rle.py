@@ -6,9 +6,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from datasets.targets import fill_holes
+from tests.fixtures.data_writers import encode_kaggle_rle
 from utils.box_masks import masks_to_boxes
 from utils.coco_rle import decode_coco_rle
-from tests.fixtures.data_writers import encode_kaggle_rle
 from utils.kaggle_rle import decode_kaggle_rle, kaggle_rle_to_coco_rle, kaggle_runs_box, parse_kaggle_rle
 from utils.label_images import label_image_to_instances
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import evaluate
-from tests.fixtures.workload import make_random_case, make_workload
 from metrics import InvalidInputError, evaluate_predictions
 from metrics.reference import load_coco, pycocotools_eval
+from tests.fixtures.workload import make_random_case, make_workload
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:.*overlapping predicted masks:UserWarning")]

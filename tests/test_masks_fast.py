@@ -11,10 +11,17 @@ from hypothesis.extra.numpy import arrays
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import clip_boxes_to_image
 
-from utils.box_masks import BoxMasks, box_masks_to_coco_rle, box_masks_to_kaggle_rles, coco_rle_to_box_masks, paste_masks_in_boxes, resolve_overlaps
+from tests.fixtures.data_writers import encode_kaggle_rle
+from utils.box_masks import (
+    BoxMasks,
+    box_masks_to_coco_rle,
+    box_masks_to_kaggle_rles,
+    coco_rle_to_box_masks,
+    paste_masks_in_boxes,
+    resolve_overlaps,
+)
 from utils.coco_rle import decode_coco_rle, encode_coco_rle
 from utils.instances import detections_to_coco_results
-from tests.fixtures.data_writers import encode_kaggle_rle
 from utils.kaggle_rle import decode_kaggle_rle
 from utils.label_images import box_masks_to_label_image, label_image_to_box_masks
 

@@ -5,10 +5,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
-from tests.fixtures.workload import make_random_case, make_workload
 from metrics import evaluate_predictions
 from metrics.coco import evaluate_coco, match_group
 from metrics.reference import load_coco, pycocotools_eval
+from tests.fixtures.workload import make_random_case, make_workload
 from utils.coco_rle import fortran_indices_to_rle, rle_area, rle_counts, rle_to_fortran_indices
 
 # pycocotools' decode trips a numpy-2 DeprecationWarning; overlapping raw predictions warn by design.

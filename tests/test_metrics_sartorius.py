@@ -6,8 +6,8 @@ import pytest
 import scipy.sparse as sp
 from pycocotools import mask as mask_utils
 
-from tests.fixtures.workload import ellipse_indices, make_random_case, make_workload
 from metrics.sartorius import THRESHOLDS, sartorius_score
+from tests.fixtures.workload import ellipse_indices, make_random_case, make_workload
 from utils.coco_rle import fortran_indices_to_rle
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -13,15 +13,15 @@ import torch
 from PIL import Image
 
 import predict
+from datasets.imageio import read_label_image
 from datasets.synthetic import SyntheticSpec, render_image
 from engine.checkpoint import save_checkpoint
 from engine.config import TrainConfig
 from transforms.preprocess import Preprocessing, to_model_input
-from utils.image_files import decode_image, expand_inputs
 from utils.coco_rle import decode_coco_rle
+from utils.image_files import decode_image, expand_inputs
 from utils.kaggle_rle import decode_kaggle_rle
 from utils.label_images import label_image_to_box_masks
-from datasets.imageio import read_label_image
 from utils.writers import render_overlay, write_label_image
 
 SMALL = dict(model="maskrcnn_resnet18_fpn", min_size=128, max_size=128, anchor_sizes=(8, 16, 32, 64, 128),
@@ -279,8 +279,8 @@ def test_overlay_tints_instances_and_keeps_background():
 
 
 def test_submission_rows_for_an_image_without_instances():
-    from utils.instances import Instances
     from utils.box_masks import BoxMasks
+    from utils.instances import Instances
     from utils.writers import submission_rows
 
     empty = Instances(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),

@@ -6,8 +6,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transforms import PRESETS, build_transforms
-from transforms.core import (ColorJitter, Compose, RandomHorizontalFlip, RandomRot90, RandomScaleCrop,
-                             RandomVerticalFlip, ToFloatImage)
+from transforms.core import (
+    ColorJitter,
+    Compose,
+    RandomHorizontalFlip,
+    RandomRot90,
+    RandomScaleCrop,
+    RandomVerticalFlip,
+    ToFloatImage,
+)
 from utils.box_masks import masks_to_boxes
 
 

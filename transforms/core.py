@@ -14,7 +14,6 @@ Randomness comes from torch's global generator only, which the training loader s
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F

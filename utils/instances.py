@@ -14,8 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.box_masks import (BoxMasks, box_masks_to_coco_rle, coco_rle_to_box_masks, paste_masks_in_boxes,
-                             resolve_overlaps)
+from utils.box_masks import (
+    BoxMasks,
+    box_masks_to_coco_rle,
+    coco_rle_to_box_masks,
+    paste_masks_in_boxes,
+    resolve_overlaps,
+)
 from utils.coco_rle import encode_coco_rle
 
 

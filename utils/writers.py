@@ -12,9 +12,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from utils.box_masks import box_masks_to_kaggle_rles
 from utils.instances import Instances
 from utils.io import atomic_path, write_json_atomic, write_text_atomic
-from utils.box_masks import box_masks_to_kaggle_rles
 
 UINT16_MAX_LABELS = np.iinfo(np.uint16).max
 
