@@ -181,6 +181,9 @@ def run_search(args: argparse.Namespace, gt: dict, results: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``): print the report, write ``--out`` and
+    ``--search-out``. Returns the exit status: 0, or 2 for bad input (the message names the file
+    and entry). Scoring files (``--gt``/``--pred``) imports no torch."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     from_files = args.gt is not None or args.pred is not None

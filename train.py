@@ -325,8 +325,10 @@ def plan_run(config: TrainConfig, iters_per_epoch: int, resuming: bool, started:
 
 
 def main(args: argparse.Namespace, started: float | None = None) -> dict:
-    """Train (or evaluate) as ``args`` say. ``started``: when the run began, for ``--max-time``
-    (the CLI passes the process start; in-process callers default to now)."""
+    """Train (or, with ``--test-only``, evaluate) as ``args`` (from ``get_args_parser``) say and
+    return the final validation report. ``started``: when the run began, for ``--max-time`` (the
+    CLI passes the process start; in-process callers default to now). Bad flags or data raise
+    ``ConfigError``/``ValueError`` naming the flag or file; ``run_cli`` turns them into exit status 2."""
     started = time.time() if started is None else started
     config = config_from_args(args)
     pinned = pinned_options(args)

@@ -24,6 +24,8 @@ MIN_WARMUP = 3             # ... except that a run of a dozen steps still gets a
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (``momentum``) or AdamW over the model's trainable parameters, at ``config.lr`` and
+    ``config.weight_decay`` (one parameter group; the schedule scales its LR every iteration)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if config.opt == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
