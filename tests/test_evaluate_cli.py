@@ -159,3 +159,18 @@ def test_predict_results_named_by_file_stem_match_the_ground_truth(tmp_path, cap
     assert code == 0, err
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
     assert a["coco"]["segm"]["AP"] == b["coco"]["segm"]["AP"] > 0
+
+
+def test_scoring_files_imports_no_torch(tmp_path):
+    """``--gt``/``--pred`` stays on numpy + pycocotools: a fresh interpreter never loads torch."""
+    import os
+    import subprocess
+    import sys
+    gt, results = make_workload(num_images=1, height=40, width=50, min_cells=3, max_cells=3, seed=4)
+    script = ("import sys, evaluate; code = evaluate.main(sys.argv[1:]); "
+              "print('torch' in sys.modules, code)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", script, "--gt", write(tmp_path, "gt.json", gt),
+                          "--pred", write(tmp_path, "p.json", results)],
+                         cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "False 0"
