@@ -19,7 +19,6 @@ scores) ends with a message naming the entry and exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import Any
 from metrics import InvalidInputError, evaluate_predictions
 from metrics.coco import STAT_NAMES
 from metrics.validation import check_ground_truth, check_results, normalize_ground_truth
-from utils.io import write_json_atomic
+from utils.io import load_json, write_json_atomic
 
 EXIT_BAD_INPUT = 2
 
@@ -66,19 +65,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def load_json(path: str, what: str) -> Any:
-    """Read a JSON file; a missing file or a syntax error becomes an ``InvalidInputError``."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise InvalidInputError(f"{what} file {path}: not found") from None
-    except json.JSONDecodeError as e:
-        raise InvalidInputError(f"{what} file {path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise InvalidInputError(f"{what} file {path}: not UTF-8 text ({e.reason})") from None
-
-
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -101,8 +87,8 @@ def ids_from_file_names(results: list[dict], gt: dict) -> list[dict]:
 
 def evaluate_files(args: argparse.Namespace) -> tuple[dict, dict, list[dict]]:
     """``--gt``/``--pred`` → (report, gt, results)."""
-    gt = normalize_ground_truth(load_json(args.gt, "ground truth"))
-    results = load_json(args.pred, "predictions")
+    gt = normalize_ground_truth(load_json(args.gt, "ground truth", InvalidInputError))
+    results = load_json(args.pred, "predictions", InvalidInputError)
     if isinstance(results, dict) and isinstance(results.get("annotations"), list):
         results = results["annotations"]  # a results file saved as a COCO dict
     check_ground_truth(gt, tuple(args.iou_types))
@@ -123,28 +109,32 @@ def evaluate_files(args: argparse.Namespace) -> tuple[dict, dict, list[dict]]:
 
 
 def _dataset_options(args: argparse.Namespace) -> dict:
+    from datasets.registry import parse_option  # checkpoint mode only: --gt/--pred import no torch
+
     options: dict[str, Any] = {"data_path": args.data_path}
     for item in args.dataset_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InvalidInputError(f"--dataset-option {item!r}: expected KEY=VALUE")
-        options[key.replace("-", "_")] = value
+        try:
+            key, value = parse_option(item)
+        except ValueError as e:
+            raise InvalidInputError(f"--dataset-option: {e}") from None
+        options[key] = value
     return options
 
 
-def evaluate_checkpoint(args: argparse.Namespace) -> tuple[dict, dict | None, list[dict]]:
+def report_from_checkpoint(args: argparse.Namespace) -> tuple[dict, dict | None, list[dict]]:
     """``--checkpoint`` → (report, gt or None, results) via the engine's inference path.
 
     The engine runs the model over the validation split (batched, on GPU when present, under
     torchrun too), gathers the results across ranks and calls ``metrics.evaluate_predictions``.
     """
     import torch  # noqa: F401  (heavy imports only in this mode)
-    from engine.evaluation import evaluate_checkpoint as engine_evaluate_checkpoint
+
+    from engine.evaluation import evaluate_checkpoint
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = _dataset_options(args)
     # Without --max-dets the checkpoint's own detections per image (what training evaluated at).
-    report, results = engine_evaluate_checkpoint(args.checkpoint, args.dataset, options, device,
+    report, results = evaluate_checkpoint(args.checkpoint, args.dataset, options, device,
                                                  args.batch_size, args.max_dets, args.save_predictions)
     gt = None
     if args.search:
@@ -191,6 +181,9 @@ def run_search(args: argparse.Namespace, gt: dict, results: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``): print the report, write ``--out`` and
+    ``--search-out``. Returns the exit status: 0, or 2 for bad input (the message names the file
+    and entry). Scoring files (``--gt``/``--pred``) imports no torch."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     from_files = args.gt is not None or args.pred is not None
@@ -208,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            report, gt, results = evaluate_files(args) if from_files else evaluate_checkpoint(args)
+            report, gt, results = evaluate_files(args) if from_files else report_from_checkpoint(args)
         if report is None or not _is_main_process():
             return 0
         for w in caught:

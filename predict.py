@@ -112,11 +112,7 @@ def load_postprocess(path: str) -> Callable[[list[dict], int, int], list[dict]]:
         params = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise PredictError(f"--postprocess {path}: cannot read JSON ({exc})") from exc
-    try:
-        from metrics.postprocess import apply_postprocess
-    except ImportError as exc:
-        raise PredictError("--postprocess needs metrics.postprocess (evaluate.py's post-processing), "
-                           f"which this installation lacks ({exc})") from exc
+    from metrics.postprocess import apply_postprocess
     return lambda results, height, width: apply_postprocess(results, params, height, width)
 
 
@@ -200,10 +196,16 @@ def main(args: argparse.Namespace) -> int:
     from engine.distributed import resolve_device
     from transforms.preprocess import to_model_input
     from utils.image_files import ImageReadError, decode_image, expand_inputs
-    from utils.writers import (render_overlay, submission_rows, write_label_image, write_png,
-                               write_predictions_json, write_submission_csv)
     from utils.instances import Instances
-    from utils.masks import box_masks_to_label_image
+    from utils.label_images import box_masks_to_label_image
+    from utils.writers import (
+        render_overlay,
+        submission_rows,
+        write_label_image,
+        write_png,
+        write_predictions_json,
+        write_submission_csv,
+    )
 
     logging_api = getattr(getattr(cv2, "utils", None), "logging", None)
     if logging_api is not None:          # our message names a corrupt file; silence OpenCV's own

@@ -22,6 +22,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from datasets import build_dataset, dataset_defaults, dataset_names  # noqa: E402
+from datasets.registry import parse_option  # noqa: E402
 from datasets.statistics import check_objects, recommend_sizes, resize_factor, statistics_from_coco  # noqa: E402
 from engine import distributed  # noqa: E402
 from engine.budget import format_duration, parse_duration  # noqa: E402
@@ -60,10 +61,10 @@ def _duration(text: str) -> float:
 
 
 def _key_value(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip().replace("-", "_"), value
+    try:
+        return parse_option(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -197,6 +198,8 @@ def dataset_options(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Flags → the frozen ``TrainConfig``: explicit flags over the dataset's defaults
+    (``applied_dataset_defaults``) over the fields' own defaults, validated."""
     given = vars(args).copy()
     given.pop("local_rank", None)
     dataset = given.pop("dataset")
@@ -205,8 +208,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for k in DATASET_FLAGS:
         given.pop(k, None)
     given.update(dataset=dataset, dataset_options=options)
+    return resolve_config(given, applied_dataset_defaults(args))
+
+
+def applied_dataset_defaults(args: argparse.Namespace) -> dict:
+    """The dataset's default options this run takes: those no flag overrides, without the learning
+    rate and weight decay of another optimizer than the one asked for, nor ``input_scale`` when
+    ``--min-size``/``--max-size`` ask for torchvision's resize."""
+    given = vars(args)
     try:
-        defaults = dataset_defaults(dataset, options)
+        defaults = dataset_defaults(args.dataset, dataset_options(args))
     except ValueError as exc:
         raise ConfigError(f"--dataset: {exc}") from None
     if "opt" in given and defaults.get("opt", given["opt"]) != given["opt"]:
@@ -217,7 +228,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if "input_scale" in given:
             raise ConfigError("--input-scale replaces --min-size/--max-size: give one or the other")
         defaults.pop("input_scale", None)   # the user asked for torchvision's resize
-    return resolve_config(given, defaults)
+    return {k: v for k, v in defaults.items() if given.get(k) is None}
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -314,8 +325,10 @@ def plan_run(config: TrainConfig, iters_per_epoch: int, resuming: bool, started:
 
 
 def main(args: argparse.Namespace, started: float | None = None) -> dict:
-    """Train (or evaluate) as ``args`` say. ``started``: when the run began, for ``--max-time``
-    (the CLI passes the process start; in-process callers default to now)."""
+    """Train (or, with ``--test-only``, evaluate) as ``args`` (from ``get_args_parser``) say and
+    return the final validation report. ``started``: when the run began, for ``--max-time`` (the
+    CLI passes the process start; in-process callers default to now). Bad flags or data raise
+    ``ConfigError``/``ValueError`` naming the flag or file; ``run_cli`` turns them into exit status 2."""
     started = time.time() if started is None else started
     config = config_from_args(args)
     pinned = pinned_options(args)
@@ -325,8 +338,12 @@ def main(args: argparse.Namespace, started: float | None = None) -> dict:
     setup_logging(dist_info.is_main, run_dir / "train.log")
     seed_everything(config.seed + dist_info.rank, config.deterministic)
     log.info("run directory %s; device %s; %d process(es)", run_dir, device, dist_info.world_size)
+    from_defaults = applied_dataset_defaults(args)
+    if from_defaults:
+        log.info("from the %s dataset's defaults: %s", config.dataset,
+                 ", ".join(f"{k}={getattr(config, k)!r}" for k in sorted(from_defaults)))
 
-    options = {"data_path": config.data_path, "seed": config.seed, **config.dataset_options}
+    options = {"data_path": config.data_path, **config.dataset_options}
     train_set = build_dataset(config.dataset, "train", options, None)
     val_set = build_dataset(config.dataset, "val", options, None)
     class_names = list(train_set.class_names)
@@ -424,7 +441,6 @@ def run_cli(argv: list[str] | None = None) -> int:
         return 3
     finally:
         distributed.shutdown()
-    return 1
 
 
 if __name__ == "__main__":

@@ -46,11 +46,11 @@ def per_image_counts(num_images: int, total: int, maximum: int, rng: np.random.G
 
 
 def generate(work_dir: str) -> None:
-    from datasets.testing import write_sartorius
+    from tests.fixtures.data_writers import write_sartorius
     rng = np.random.default_rng(0)
     counts, types = [], []
-    for name, (images, annotations, maximum) in TYPES.items():
-        c = per_image_counts(images, annotations, maximum, rng)
+    for name, (images, num_annotations, maximum) in TYPES.items():
+        c = per_image_counts(images, num_annotations, maximum, rng)
         counts += c
         types += [name] * len(c)
     order = rng.permutation(len(counts))
@@ -81,7 +81,8 @@ def timed(fn, repeats: int) -> list[float]:
 def coco_dense_decode(repeats: int) -> None:
     """A LIVECell-like dense image in COCO format: 500 polygon cells on 520×704."""
     from pycocotools import mask as mask_utils
-    from utils.masks import coco_rles_to_masks
+
+    from utils.coco_rle import coco_rles_to_masks
     rng = np.random.default_rng(0)
     height, width = 520, 704
     angles = np.linspace(0, 2 * np.pi, 12, endpoint=False)
@@ -114,9 +115,10 @@ def main() -> None:
         print(f"generated {args.work_dir} in {time.perf_counter() - t:.1f} s")
 
     import torch
+
     from datasets import build_dataset
     from transforms import build_transforms
-    from utils.masks import decode_kaggle_rle
+    from utils.kaggle_rle import decode_kaggle_rle
 
     torch.set_num_threads(1)
     csv_path = os.path.join(args.work_dir, "train.csv")

@@ -2,7 +2,7 @@
 
     python bench/bench_eval.py [--images 100] [--max-dets 1000] [--out bench_eval.json]
 
-Workload: ``bench.workload.make_workload`` — images of 520×704 with 30–800 GT cells each and
+Workload: ``tests.fixtures.workload.make_workload`` — images of 520×704 with 30–800 GT cells each and
 about 1.2× as many predictions (jittered cells, duplicates, false positives).
 Timed: pycocotools ``COCOeval.evaluate() + accumulate()`` per IoU type (``loadRes`` and JSON
 loading not timed) versus ``metrics.coco.evaluate_coco`` from the in-memory dicts (input
@@ -26,12 +26,15 @@ from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.workload import make_workload  # noqa: E402
-from metrics.coco import evaluate_coco, group  # noqa: E402
-from metrics.coco import max_dets_list  # noqa: E402
+from metrics.coco import (  # noqa: E402
+    evaluate_coco,
+    group,
+    max_dets_list,  # noqa: E402
+)
 from metrics.reference import load_coco  # noqa: E402
 from metrics.sartorius import sartorius_score  # noqa: E402
 from metrics.validation import check_ground_truth, check_results  # noqa: E402
+from tests.fixtures.workload import make_workload  # noqa: E402
 from utils.io import write_json_atomic  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 
 Baseline (measured in the same run): torchvision's ``paste_masks_in_image`` (every 28×28 mask
 resized into a full-image float canvas), ``> 0.5``, then one ``pycocotools`` RLE per mask.
-Fast path: ``utils.masks.paste_masks_in_boxes`` (each mask resized into its own box only),
+Fast path: ``utils.box_masks.paste_masks_in_boxes`` (each mask resized into its own box only),
 then ``box_masks_to_coco_rle``. Also timed: non-overlapping label image and Kaggle RLE.
 
 Peak memory of a step is the rise of the process's peak resident set (VmHWM, reset through
@@ -26,8 +26,8 @@ import torch  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 from torchvision.models.detection.roi_heads import paste_masks_in_image  # noqa: E402
 
-from utils.masks import (box_masks_to_coco_rle, box_masks_to_kaggle_rles, box_masks_to_label_image,  # noqa: E402
-                         paste_masks_in_boxes, remove_overlaps)
+from utils.box_masks import box_masks_to_coco_rle, box_masks_to_kaggle_rles, paste_masks_in_boxes, resolve_overlaps  # noqa: E402
+from utils.label_images import box_masks_to_label_image  # noqa: E402
 
 
 def make_detections(n: int, height: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,7 +64,7 @@ def fast_step(boxes, probs, height, width) -> list[dict]:
 def fast_outputs_step(boxes, probs, scores, height, width):
     masks = paste_masks_in_boxes(probs, boxes, height, width)
     rles = box_masks_to_coco_rle(masks)
-    _, resolved = remove_overlaps(masks, scores.numpy())
+    _, resolved = resolve_overlaps(masks, scores.numpy())
     return rles, box_masks_to_label_image(resolved), box_masks_to_kaggle_rles(resolved)
 
 
@@ -117,7 +117,7 @@ def main() -> None:
     same = sum(a == b for a, b in zip(fast, base))
     fmt = lambda m: "n/a" if m is None else f"{m:.0f} MB"  # noqa: E731
     print(f"torchvision paste + threshold + per-mask RLE : {t_base * 1000:8.1f} ms   peak {fmt(m_base)}")
-    print(f"box paste + threshold + RLE (utils.masks)    : {t_fast * 1000:8.1f} ms   peak {fmt(m_fast)}")
+    print(f"box paste + threshold + RLE (utils.box_masks): {t_fast * 1000:8.1f} ms   peak {fmt(m_fast)}")
     print(f"  + overlap removal, label image, Kaggle RLE : {t_all * 1000:8.1f} ms   peak {fmt(m_all)}")
     print(f"speed-up {t_base / t_fast:.1f}×; identical RLEs {same}/{len(base)}")
 

@@ -21,7 +21,7 @@ def main() -> None:
     from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
     from engine.evaluation import headline
     from metrics import evaluate_predictions
-    from tools.sartorius_to_coco import subset  # the COCO dict restricted to some image ids
+    from metrics.validation import subset_ground_truth
     from transforms.presets import build_transforms
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +38,7 @@ def main() -> None:
     every = dataset.spec.dense_every
     dense = {dataset.image_ids[i] for i in range(len(dataset)) if every and i % every == every - 1}
     for name, ids in (("all", set(per_image)), ("dense", dense), ("sparse", set(per_image) - dense)):
-        part = subset(gt, ids)
+        part = subset_ground_truth(gt, ids)
         report = evaluate_predictions(part, [r for i in ids for r in per_image[i]], config.detections_per_img,
                                       class_names=dataset.class_names,
                                       sartorius_score_thresh=config.sartorius_score_thresh)

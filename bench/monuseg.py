@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(ours)
     if train_flags and args.score_only:
         parser.error("train.py flags after -- have no effect with --score-only")
-    from datasets.errors import DatasetError   # here, not at the top: --help stays quick (no torch)
+    from datasets.errors import DatasetError  # here, not at the top: --help stays quick (no torch)
 
     try:
         return score_only(args) if args.score_only else benchmark(args, train_flags)

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from datasets.coco import CocoDataset, coco_paths, segmentation_to_rle
+from datasets.coco import CocoDataset, coco_paths
 from datasets.errors import BadInputLog, DatasetError
 from datasets.folder import load_instances, scan_folder
 from datasets.imageio import read_image
 from datasets.sartorius import CLASS_NAMES as SARTORIUS_CLASSES
 from datasets.sartorius import read_index
-from utils.masks import parse_kaggle_rle
+from utils.coco_rle import segmentation_to_rle
+from utils.kaggle_rle import parse_kaggle_rle
 
 
 @dataclass

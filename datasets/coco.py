@@ -20,52 +20,18 @@ Option keys (``build_dataset("coco", split, options)``):
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 
 from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
 from datasets.imageio import read_image, read_image_size
 from datasets.registry import register_dataset
 from datasets.targets import make_target
-from utils.masks import coco_rles_to_masks
-
-
-def load_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-
-
-def segmentation_to_rle(segmentation, height: int, width: int) -> dict:
-    """One annotation's ``segmentation`` (polygons, uncompressed or compressed RLE) → one
-    compressed RLE (bytes counts, as pycocotools uses). Raises ``ValueError`` when malformed."""
-    if isinstance(segmentation, list):
-        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
-        if not polygons:
-            raise ValueError("no polygon with ≥ 3 points")
-        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        size = list(segmentation["size"])
-        if size != [height, width]:
-            raise ValueError(f"RLE size {size} differs from image size {[height, width]}")
-        counts = segmentation["counts"]
-        if isinstance(counts, list):
-            if sum(counts) != height * width:
-                raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, not {height}×{width}")
-            return mask_utils.frPyObjects(segmentation, height, width)
-        if isinstance(counts, str):
-            return {"size": size, "counts": counts.encode("ascii")}
-        if isinstance(counts, bytes):
-            return {"size": size, "counts": counts}
-    raise ValueError(f"unrecognised segmentation of type {type(segmentation).__name__}")
+from metrics.validation import annotations_as_list
+from utils.coco_rle import coco_rles_to_masks, segmentation_to_rle
+from utils.io import load_json
 
 
 class CocoDataset(torch.utils.data.Dataset):
@@ -78,7 +44,7 @@ class CocoDataset(torch.utils.data.Dataset):
         self.transforms = transforms
         self.skip_bad = skip_bad
         self.log = BadInputLog()
-        data = load_json(ann_path)
+        data = load_json(ann_path, "annotation", DatasetError)
         for key in ("images", "annotations", "categories"):
             if key not in data:
                 raise DatasetError(f"{ann_path}: no {key!r} key; is this a COCO instances file?")
@@ -133,8 +99,7 @@ class CocoDataset(torch.utils.data.Dataset):
             self._images.append(entry)
 
     def _read_annotations(self, annotations) -> None:
-        if isinstance(annotations, dict):  # LIVECell mirror: {"<id>": annotation, ...}
-            annotations = [dict(a, id=a.get("id", k)) for k, a in annotations.items()]
+        annotations = annotations_as_list(annotations)
         self._anns: list[list[dict]] = [[] for _ in self._images]
         degenerate = 0
         for n, a in enumerate(annotations):
@@ -255,7 +220,11 @@ def coco_defaults(options: dict) -> dict:
     return dict(OWN_COCO_DEFAULTS if own else COCO_DEFAULTS)
 
 
-@register_dataset("coco", defaults=coco_defaults)
+COCO_OPTIONS = {"data_path": str, "train_ann": str, "val_ann": str, "train_images": str, "val_images": str,
+                "keep_empty": bool, "skip_bad": bool}
+
+
+@register_dataset("coco", defaults=coco_defaults, options=COCO_OPTIONS)
 def build_coco(split: str, options: dict, transforms=None) -> CocoDataset:
     ann, images = coco_paths(split, options)
     keep_empty = split == "val" or as_bool(options.get("keep_empty"), False)
@@ -275,7 +244,7 @@ LIVECELL_DEFAULTS = {
 }
 
 
-@register_dataset("livecell", defaults=LIVECELL_DEFAULTS)
+@register_dataset("livecell", defaults=LIVECELL_DEFAULTS, options=COCO_OPTIONS)
 def build_livecell(split: str, options: dict, transforms=None) -> CocoDataset:
     """LIVECell: give ``train_ann``/``val_ann`` and ``train_images``/``val_images`` explicitly."""
     return build_coco(split, options, transforms)

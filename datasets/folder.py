@@ -26,12 +26,14 @@ import numpy as np
 import torch
 
 from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
-from datasets.imageio import IMAGE_EXTENSIONS, read_image, read_image_size, read_label_image
+from datasets.imageio import read_image, read_image_size, read_label_image
 from datasets.registry import register_dataset
 from datasets.splits import random_split
 from datasets.targets import make_target
-from utils.masks import (box_masks_to_coco_rle, encode_coco_rle, label_image_to_box_masks, label_image_to_instances,
-                         masks_to_boxes)
+from utils.box_masks import box_masks_to_coco_rle, masks_to_boxes
+from utils.coco_rle import encode_coco_rle
+from utils.image_files import IMAGE_EXTENSIONS
+from utils.label_images import label_image_to_box_masks, label_image_to_instances
 
 MASK_SUFFIXES = ("", "_masks", "_mask", "_label", "_labels")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff")
@@ -134,13 +136,8 @@ def instance_annotations(item: FolderItem) -> list[tuple[dict, np.ndarray, float
                 for rle, box, mask in zip(encode_coco_rle(masks), masks_to_boxes(masks), masks)]
     label = read_label_image(item.mask_paths[0])
     _check_size(item, item.mask_paths[0], label.shape)
-    values, dense = np.unique(label, return_inverse=True)
-    dense = dense.reshape(label.shape).astype(np.int64)
-    if len(values) and values[0] != 0:
-        dense += 1                     # no background pixel: label k is still instance k
-    masks = label_image_to_box_masks(dense)
-    areas = [float(crop.sum()) for crop in masks.crops]
-    return list(zip(box_masks_to_coco_rle(masks), masks.tight_boxes(), areas))
+    masks, _ = label_image_to_box_masks(label)
+    return list(zip(box_masks_to_coco_rle(masks), masks.tight_boxes(), masks.areas().astype(float).tolist()))
 
 
 def _check_size(item: FolderItem, path: str, shape) -> None:
@@ -210,7 +207,9 @@ FOLDER_DEFAULTS = {
 }
 
 
-@register_dataset("folder", defaults=FOLDER_DEFAULTS)
+@register_dataset("folder", defaults=FOLDER_DEFAULTS,
+                  options={"data_path": str, "val_path": str, "val_fraction": float, "split_seed": int,
+                           "class_name": str, "skip_bad": bool})
 def build_folder(split: str, options: dict, transforms=None) -> FolderDataset:
     root = options.get("data_path")
     if not root:

@@ -10,8 +10,6 @@ from PIL import Image
 from datasets.errors import DatasetError
 from utils.image_files import ImageReadError, decode_image
 
-IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-
 # cv2 would otherwise start its own thread pool inside every DataLoader worker.
 cv2.setNumThreads(0)
 

@@ -36,9 +36,9 @@ from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
 from datasets.imageio import read_image, read_image_size
 from datasets.registry import register_dataset
 from datasets.splits import check_fold, grouped_stratified_folds
-from datasets.targets import make_target
-from utils.masks import (fill_holes, fill_kaggle_runs, kaggle_rle_to_coco_rle, kaggle_runs_box, lazy_zeros,
-                         parse_kaggle_rle)
+from datasets.targets import fill_holes, make_target
+from utils.arrays import lazy_zeros
+from utils.kaggle_rle import fill_kaggle_runs, kaggle_rle_to_coco_rle, kaggle_runs_box, parse_kaggle_rle
 
 CLASS_NAMES = ["shsy5y", "astro", "cort"]
 REQUIRED_COLUMNS = ("id", "annotation", "width", "height", "cell_type", "sample_id")
@@ -278,7 +278,10 @@ SARTORIUS_DEFAULTS = {
 }
 
 
-@register_dataset("sartorius", defaults=SARTORIUS_DEFAULTS)
+@register_dataset("sartorius", defaults=SARTORIUS_DEFAULTS,
+                  options={"data_path": str, "train_csv": str, "image_dir": str, "num_folds": int, "fold": int,
+                           "fold_seed": int, "fill_holes": bool, "drop_duplicates": bool, "skip_bad": bool,
+                           "check_images": bool})
 def build_sartorius(split: str, options: dict, transforms=None) -> SartoriusDataset:
     root = options.get("data_path")
     if not root:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from datasets.registry import register_dataset
-from utils.masks import encode_coco_rle, masks_to_boxes
+from utils.box_masks import box_masks_to_coco_rle
+from utils.label_images import label_image_to_box_masks, label_image_to_instances
 
 CLASS_NAMES = ["round", "elongated"]
 
@@ -117,11 +118,6 @@ def render_image(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarra
     return image, label_image, np.asarray(labels, dtype=np.int64)
 
 
-def label_image_to_masks(label_image: np.ndarray, count: int) -> np.ndarray:
-    """Label image H×W (0 background, 1..count instances) → binary masks ``count×H×W`` uint8."""
-    return (label_image[None] == np.arange(1, count + 1, dtype=label_image.dtype)[:, None, None]).astype(np.uint8)
-
-
 class SyntheticCells(torch.utils.data.Dataset):
     """The built-in dataset. Images are rendered on first use and cached (a 256² image is 64 KB)."""
 
@@ -145,13 +141,13 @@ class SyntheticCells(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         image, label_image, labels = self._render(index)
-        masks = label_image_to_masks(label_image, len(labels))
+        masks, _, boxes, areas = label_image_to_instances(label_image, return_boxes=True)  # values 1..K
         target = {
-            "boxes": torch.from_numpy(masks_to_boxes(masks)),
+            "boxes": torch.from_numpy(boxes),
             "labels": torch.from_numpy(labels),
             "masks": torch.from_numpy(masks),
             "image_id": self.image_ids[index],
-            "area": torch.from_numpy(masks.reshape(len(masks), -1).sum(1).astype(np.float32)),
+            "area": torch.from_numpy(areas.astype(np.float32)),
             "iscrowd": torch.zeros(len(labels), dtype=torch.int64),
         }
         if self.transforms is not None:
@@ -163,14 +159,15 @@ class SyntheticCells(torch.utils.data.Dataset):
         images, annotations = [], []
         for index in range(len(self)):
             _, label_image, labels = self._render(index)
-            masks = label_image_to_masks(label_image, len(labels))
+            masks, _ = label_image_to_box_masks(label_image)   # instance k is label value k
             images.append({"id": self.image_ids[index], "height": self.spec.height,
                            "width": self.spec.width, "file_name": f"synthetic_{self.spec.split}_{index:05d}.png"})
-            for rle, box, label, mask in zip(encode_coco_rle(masks), masks_to_boxes(masks), labels, masks):
+            for rle, box, label, area in zip(box_masks_to_coco_rle(masks), masks.tight_boxes(), labels,
+                                             masks.areas().tolist()):
                 x0, y0, x1, y1 = box.tolist()
                 annotations.append({"id": len(annotations) + 1, "image_id": self.image_ids[index],
                                     "category_id": int(label), "segmentation": rle,
-                                    "area": float(mask.sum()), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                    "area": float(area), "bbox": [x0, y0, x1 - x0, y1 - y0],
                                     "iscrowd": 0})
         categories = [{"id": i + 1, "name": name} for i, name in enumerate(self.class_names)]
         return {"images": images, "annotations": annotations, "categories": categories}
@@ -199,7 +196,9 @@ SYNTHETIC_DEFAULTS = {
 }
 
 
-@register_dataset("synthetic", defaults=SYNTHETIC_DEFAULTS)
+@register_dataset("synthetic", defaults=SYNTHETIC_DEFAULTS,
+                  options={"synthetic_size": int, "synthetic_train_images": int, "synthetic_val_images": int,
+                           "synthetic_seed": int})
 def build_synthetic(split: str, options: dict, transforms=None) -> SyntheticCells:
     size = int(options.get("synthetic_size") or 256)
     count = options.get(f"synthetic_{split}_images") or (64 if split == "train" else 16)

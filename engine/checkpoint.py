@@ -13,8 +13,6 @@ import torch
 
 from utils.io import atomic_path
 
-CHECKPOINT_NAMES = ("last.pth", "best.pth")
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be found or read; the message says which and why."""

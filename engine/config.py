@@ -18,10 +18,18 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Every setting of a training run, built once from the flags (``train.config_from_args``:
+    flags over the dataset's defaults over these field defaults) and validated; frozen afterwards.
+
+    Saved in each checkpoint (``to_dict``) and read back with ``from_dict``; evaluation and
+    predict.py rebuild the model and its input preprocessing from it alone. One field per
+    ``train.py`` flag (README's flags table), plus ``dataset_options``: the format's own option
+    keys (``datasets.registry.option_keys``), typed and checked when the dataset is built.
+    """
     # data
     dataset: str = "synthetic"
     data_path: str | None = None
-    dataset_options: dict = field(default_factory=dict)   # format-specific keys, passed through
+    dataset_options: dict = field(default_factory=dict)   # format-specific keys (checked by datasets.registry)
     data_augmentation: str = "hflip"
     intensity: str = "percentile"                           # 16-bit/float images: per-image percentiles or full range
     channels: str = "auto"                                  # gray or rgb; auto: from the first training image

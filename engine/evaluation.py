@@ -15,7 +15,7 @@ import torch
 from engine import distributed
 from engine.inference import detect
 from metrics import evaluate_predictions
-from utils.masks import detections_to_coco_results
+from utils.instances import detections_to_coco_results
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def evaluate_checkpoint(checkpoint_path: str, dataset_name: str, dataset_options
     model, config = build_model_from_checkpoint(state, **({"detections_per_img": max_dets} if max_dets else {}))
     max_dets = config.detections_per_img
     model.to(dev)
-    options = {"seed": config.seed, **config.dataset_options, **dataset_options}
+    options = {**config.dataset_options, **dataset_options}
     # The checkpoint's preprocessing contract, exactly as the trainer's validation applied it.
     dataset = build_dataset(dataset_name, "val", options,
                             build_transforms("none", False, Preprocessing.from_config(state["config"])))

@@ -24,7 +24,8 @@ MIN_WARMUP = 3             # ... except that a run of a dozen steps still gets a
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW over the trainable parameters, as ``config`` says.
+    """SGD (``momentum``) or AdamW over the model's trainable parameters, at ``config.lr`` and
+    ``config.weight_decay`` (one parameter group; the schedule scales its LR every iteration).
 
     The fused implementation updates every parameter in one kernel where PyTorch has one (CPU
     and CUDA, floating-point parameters): on a 2-core CPU it turns AdamW's per-tensor loop over

@@ -22,8 +22,8 @@ import torch
 
 from engine.evaluation import autocast_context
 from engine.inference import detect, unwrap
+from utils.box_masks import BoxMasks, paste_masks_in_boxes
 from utils.instances import Instances
-from utils.masks import BoxMasks, paste_masks_in_boxes
 
 FLIPS = ("none", "h", "v", "hv")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from utils.masks import rle_area
+from utils.coco_rle import rle_area, segmentation_to_rle
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "ARmax", "ARs", "ARm", "ARl"]
 IOU_THRESHOLDS = np.linspace(.5, 0.95, int(np.round((0.95 - .5) / .05)) + 1, endpoint=True)
@@ -49,21 +49,13 @@ def max_dets_list(max_dets: int) -> list[int]:
 # --- preparation: group GT and detections by (image, category) ------------------------------
 
 def gt_rle(ann: dict, height: int, width: int) -> dict:
-    """A GT segmentation as a compressed RLE, as pycocotools' ``annToRLE``."""
-    segm = ann["segmentation"]
-    if isinstance(segm, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-    if isinstance(segm["counts"], list):
-        return mask_utils.frPyObjects(segm, height, width)
-    return segm
+    """A GT annotation's segmentation as a compressed RLE (``utils.coco_rle.segmentation_to_rle``)."""
+    return segmentation_to_rle(ann["segmentation"], height, width)
 
 
 def det_rle(segm: dict) -> dict:
-    """A result segmentation as an RLE pycocotools' C code reads (uncompressed → compressed)."""
-    if isinstance(segm["counts"], list):
-        h, w = segm["size"]
-        return mask_utils.frPyObjects(segm, h, w)
-    return segm
+    """A result's RLE segmentation as a compressed RLE of its own ``size``."""
+    return segmentation_to_rle(segm, *segm["size"])
 
 
 @dataclass

@@ -33,7 +33,8 @@ from pycocotools import mask as mask_utils
 
 from metrics.coco import det_rle, gt_rle
 from metrics.sartorius import scores_from_hits
-from utils.masks import fortran_indices_to_rle, rle_to_fortran_indices
+from utils.coco_rle import fortran_indices_to_rle, rle_to_fortran_indices
+from utils.overlap import remove_overlap
 
 SCORE_GRID = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2).tolist())
 MIN_SIZE_GRID = (0, 10, 25, 50, 75, 100, 150, 200, 300)
@@ -60,26 +61,6 @@ def mask_nms(rles: list[dict], iou_thresh: float) -> np.ndarray:
             later = iou[i, i + 1:] > iou_thresh
             suppressed[i + 1:] |= later
     return np.flatnonzero(~suppressed)
-
-
-def remove_overlap(pixels: list[np.ndarray], min_sizes: np.ndarray, num_pixels: int,
-                   remove: bool = True) -> tuple[list[int], list[np.ndarray]]:
-    """Overlap removal with minimum size over masks in descending score order.
-
-    ``pixels[j]`` are mask j's column-major pixel indices, ``min_sizes[j]`` its minimum size.
-    Returns (kept positions, their visible pixel indices). ``remove=False`` only applies the
-    minimum size to the masks as they are.
-    """
-    taken = np.zeros(num_pixels, dtype=bool)
-    kept, visible = [], []
-    for j, idx in enumerate(pixels):
-        vis = idx[~taken[idx]] if remove else idx
-        if len(vis) >= max(int(min_sizes[j]), 1):
-            if remove:
-                taken[vis] = True
-            kept.append(j)
-            visible.append(vis)
-    return kept, visible
 
 
 def apply_postprocess(results_for_one_image: list[dict], params: dict, height: int, width: int) -> list[dict]:

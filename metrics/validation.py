@@ -66,14 +66,29 @@ def _check_bbox(where: str, bbox: Any) -> None:
         _fail(where, f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
 
 
+def annotations_as_list(annotations: Any) -> Any:
+    """COCO ``annotations`` stored as a dict keyed by id (a LIVECell mirror's quirk) → the list of
+    them, each keeping its own ``id`` or given its key; anything else is returned as is."""
+    if isinstance(annotations, dict):
+        return [dict(a, id=a.get("id", k)) if isinstance(a, dict) else a for k, a in annotations.items()]
+    return annotations
+
+
 def normalize_ground_truth(gt: Any) -> dict:
-    """Accept COCO GT whose ``annotations`` is a dict keyed by id (some LIVECell mirrors)."""
+    """Accept COCO GT whose ``annotations`` is a dict keyed by id (``annotations_as_list``)."""
     if not isinstance(gt, dict):
         _fail("ground truth", f"must be a COCO dict with images/annotations/categories, got {type(gt).__name__}")
     anns = gt.get("annotations", [])
     if isinstance(anns, dict):
-        gt = {**gt, "annotations": list(anns.values())}
+        gt = {**gt, "annotations": annotations_as_list(anns)}
     return gt
+
+
+def subset_ground_truth(gt: dict, image_ids: set) -> dict:
+    """COCO ground truth restricted to ``image_ids`` (their images and annotations; all categories)."""
+    return {"images": [im for im in gt["images"] if im["id"] in image_ids],
+            "annotations": [a for a in gt["annotations"] if a["image_id"] in image_ids],
+            "categories": gt["categories"]}
 
 
 def check_ground_truth(gt: dict, iou_types=("segm", "bbox")) -> None:

@@ -18,7 +18,7 @@ def build_model(name: str, num_classes: int, options: ModelOptions | None = None
     """
     variant = check_model_name(name)
     options = options or ModelOptions()
-    model = assemble_model(name, num_classes + 1, options, 
+    model = assemble_model(name, num_classes + 1, options,
                            pretrained=bool(weights or weights_backbone) if pretrained_layout is None else pretrained_layout)
     if weights_backbone:
         enum = f"{variant.backbone.replace('resnet', 'ResNet')}_Weights"

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
-from utils.masks import lazy_zeros, nearest_source_index
+from utils.arrays import lazy_zeros, nearest_source_index
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:

@@ -9,7 +9,7 @@ import pytest
 from bench.monuseg import BenchError, prepare_work_dir, score_predictions, split_names
 from datasets.folder import FolderDataset, scan_folder
 from datasets.imageio import read_label_image
-from datasets.testing import write_label_folder
+from tests.fixtures.data_writers import write_label_folder
 
 
 def write_predictions(gt_dir, pred_dir, perturb: bool = False) -> None:

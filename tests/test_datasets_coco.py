@@ -8,7 +8,7 @@ import torch
 from datasets import build_dataset
 from datasets.coco import CocoDataset
 from datasets.errors import DatasetError
-from datasets.testing import write_coco
+from tests.fixtures.data_writers import write_coco
 
 
 def options(path, root):
@@ -104,7 +104,7 @@ def test_bad_files_named(tmp_path):
     with pytest.raises(DatasetError, match="im0.png: file not found"):
         ds[0]
     (tmp_path / "broken.json").write_text('{"images": [}')
-    with pytest.raises(DatasetError, match=r"broken.json: invalid JSON at line 1"):
+    with pytest.raises(DatasetError, match=r"broken.json: malformed JSON at line 1"):
         CocoDataset(str(tmp_path / "broken.json"), str(tmp_path))
     edit(path, lambda d: d["images"][1].update(height=61))
     ds = CocoDataset(path, str(tmp_path / "images"), keep_empty=True)

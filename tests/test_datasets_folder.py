@@ -8,8 +8,8 @@ import torch
 
 from datasets import build_dataset
 from datasets.errors import DatasetError
-from datasets.testing import write_instance_folder, write_label_folder
-from utils.masks import decode_coco_rle
+from tests.fixtures.data_writers import write_instance_folder, write_label_folder
+from utils.coco_rle import decode_coco_rle
 
 
 def test_label_images_8_and_16_bit(tmp_path):
@@ -58,7 +58,9 @@ def test_instance_files_layout_and_gt(tmp_path):
 
 def test_val_split_deterministic_and_seeded(tmp_path):
     write_label_folder(str(tmp_path), 10, height=16, width=16, count=2)
-    names = lambda seed: build_dataset("folder", "val", {"data_path": str(tmp_path), "split_seed": seed}).names
+
+    def names(seed):
+        return build_dataset("folder", "val", {"data_path": str(tmp_path), "split_seed": seed}).names
     assert names(0) == names(0) and len(names(0)) == 2
     assert any(names(0) != names(s) for s in range(1, 6))
 

@@ -10,9 +10,10 @@ import torch
 from datasets import build_dataset, dataset_defaults
 from datasets.errors import DatasetError
 from datasets.sartorius import SARTORIUS_DEFAULTS
-from datasets.testing import SARTORIUS_COLUMNS, write_sartorius
+from tests.fixtures.data_writers import SARTORIUS_COLUMNS, write_sartorius
 from transforms import build_transforms
-from utils.masks import decode_coco_rle, decode_kaggle_rle
+from utils.coco_rle import decode_coco_rle
+from utils.kaggle_rle import decode_kaggle_rle
 
 TYPES = ["shsy5y", "astro", "cort"]
 
@@ -111,7 +112,7 @@ def test_fill_holes_train_only(tmp_path):
     ring = np.zeros((20, 30), np.uint8)
     ring[2:9, 2:9] = 1
     ring[4:7, 4:7] = 0
-    from utils.masks import encode_kaggle_rle
+    from tests.fixtures.data_writers import encode_kaggle_rle
     write_csv(tmp_path, [("a", encode_kaggle_rle(ring), "astro", "s1"), ("b", "1 3", "astro", "s2")], images=("a", "b"))
     options = {"data_path": str(tmp_path), "num_folds": 2}
     train = build_dataset("sartorius", "train", options)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import evaluate
-from bench.workload import make_random_case, make_workload
 from metrics import InvalidInputError, evaluate_predictions
 from metrics.reference import load_coco, pycocotools_eval
+from tests.fixtures.workload import make_random_case, make_workload
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:.*overlapping predicted masks:UserWarning")]
@@ -129,8 +129,7 @@ def test_search_writes_parameters(tmp_path, capsys):
 
 
 def test_checkpoint_mode_calls_the_engine(monkeypatch, tmp_path, capsys):
-    import sys
-    import types
+    import engine.evaluation
     gt, results = make_workload(num_images=1, height=80, width=100, min_cells=10, max_cells=10, seed=1)
     calls = {}
 
@@ -138,9 +137,7 @@ def test_checkpoint_mode_calls_the_engine(monkeypatch, tmp_path, capsys):
         calls.update(locals())
         return evaluate_predictions(gt, results, max_dets or 500), results   # the engine reads the checkpoint's
 
-    module = types.ModuleType("engine.evaluation")
-    module.evaluate_checkpoint = fake
-    monkeypatch.setitem(sys.modules, "engine.evaluation", module)
+    monkeypatch.setattr(engine.evaluation, "evaluate_checkpoint", fake)
     code, out, err = run(capsys, "--checkpoint", "ck.pth", "--dataset", "synthetic", "--data-path", "/data",
                          "--dataset-option", "fold=0", "--device", "cpu", "--out", str(tmp_path / "r.json"))
     assert code == 0, err
@@ -162,3 +159,18 @@ def test_predict_results_named_by_file_stem_match_the_ground_truth(tmp_path, cap
     assert code == 0, err
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
     assert a["coco"]["segm"]["AP"] == b["coco"]["segm"]["AP"] > 0
+
+
+def test_scoring_files_imports_no_torch(tmp_path):
+    """``--gt``/``--pred`` stays on numpy + pycocotools: a fresh interpreter never loads torch."""
+    import os
+    import subprocess
+    import sys
+    gt, results = make_workload(num_images=1, height=40, width=50, min_cells=3, max_cells=3, seed=4)
+    script = ("import sys, evaluate; code = evaluate.main(sys.argv[1:]); "
+              "print('torch' in sys.modules, code)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", script, "--gt", write(tmp_path, "gt.json", gt),
+                          "--pred", write(tmp_path, "p.json", results)],
+                         cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "False 0"

@@ -11,10 +11,19 @@ from hypothesis.extra.numpy import arrays
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import clip_boxes_to_image
 
-from utils.masks import (BoxMasks, box_masks_to_coco_rle, box_masks_to_kaggle_rles, box_masks_to_label_image,
-                         coco_rle_to_box_masks, decode_coco_rle, decode_kaggle_rle, detections_to_coco_results,
-                         encode_coco_rle, encode_kaggle_rle, label_image_to_box_masks, paste_masks_in_boxes,
-                         remove_overlaps)
+from tests.fixtures.data_writers import encode_kaggle_rle
+from utils.box_masks import (
+    BoxMasks,
+    box_masks_to_coco_rle,
+    box_masks_to_kaggle_rles,
+    coco_rle_to_box_masks,
+    paste_masks_in_boxes,
+    resolve_overlaps,
+)
+from utils.coco_rle import decode_coco_rle, encode_coco_rle
+from utils.instances import detections_to_coco_results
+from utils.kaggle_rle import decode_kaggle_rle
+from utils.label_images import box_masks_to_label_image, label_image_to_box_masks
 
 
 def random_detections(n: int, height: int, width: int, seed: int, max_size: float = 60.0):
@@ -117,13 +126,13 @@ def test_decode_kaggle_rle_rejects_malformed(bad):
         decode_kaggle_rle(bad, 3, 4)
 
 
-def test_remove_overlaps_gives_pixels_to_higher_score():
+def test_resolve_overlaps_gives_pixels_to_higher_score():
     dense = np.zeros((3, 6, 6), dtype=np.uint8)
     dense[0, 0:4, 0:4] = 1        # low score
     dense[1, 2:6, 2:6] = 1        # high score
     dense[2, 3:5, 3:5] = 1        # fully inside mask 1, lower score: vanishes
     scores = np.array([0.3, 0.9, 0.5])
-    kept, resolved = remove_overlaps(BoxMasks.from_dense(dense), scores)
+    kept, resolved = resolve_overlaps(BoxMasks.from_dense(dense), scores)
     assert kept.tolist() == [1, 0]
     out = resolved.to_dense()
     assert np.array_equal(out[0], dense[1])
@@ -132,7 +141,7 @@ def test_remove_overlaps_gives_pixels_to_higher_score():
     labels = box_masks_to_label_image(resolved)
     assert labels.dtype == np.uint16
     assert labels[2, 2] == 1 and labels[0, 0] == 2 and labels[5, 0] == 0
-    assert np.array_equal(label_image_to_box_masks(labels).to_dense(), out)
+    assert np.array_equal(label_image_to_box_masks(labels)[0].to_dense(), out)
 
 
 def test_label_image_first_mask_wins_without_resolving():

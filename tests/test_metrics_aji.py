@@ -3,11 +3,17 @@ reference on random label images, and the COCO-RLE Sartorius score on the same i
 import numpy as np
 import pytest
 
-from datasets.testing import random_label_image
-from metrics.aji import (aggregated_jaccard_index, label_image_sartorius_score, label_image_scores, label_overlap,
-                         score_label_images)
+from metrics.aji import (
+    aggregated_jaccard_index,
+    label_image_sartorius_score,
+    label_image_scores,
+    label_overlap,
+    score_label_images,
+)
 from metrics.sartorius import THRESHOLDS, sartorius_score
-from utils.masks import encode_coco_rle, label_image_to_instances
+from tests.fixtures.data_writers import random_label_image
+from utils.coco_rle import encode_coco_rle
+from utils.label_images import label_image_to_instances
 
 
 def reference_aji(gt: np.ndarray, pred: np.ndarray) -> float:

@@ -6,9 +6,9 @@ import pytest
 import scipy.sparse as sp
 from pycocotools import mask as mask_utils
 
-from bench.workload import ellipse_indices, make_random_case, make_workload
 from metrics.sartorius import THRESHOLDS, sartorius_score
-from utils.masks import fortran_indices_to_rle
+from tests.fixtures.workload import ellipse_indices, make_random_case, make_workload
+from utils.coco_rle import fortran_indices_to_rle
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import train
-from datasets.statistics import DataStatistics, check_objects, recommend_sizes, statistics_from_coco
 from datasets.errors import DatasetError
-from datasets.testing import write_label_folder
+from datasets.statistics import DataStatistics, check_objects, recommend_sizes, statistics_from_coco
 from engine.budget import budget_total_iters, parse_duration
 from engine.config import TrainConfig
 from engine.data import TrainBatchSampler
 from engine.optim import Schedule, plan_schedule
 from models.scale import ScaleTransform, resize_instance_masks
+from tests.fixtures.data_writers import write_label_folder
 from tests.helpers import tiny_args
 
 

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from datasets.testing import write_label_folder
+from tests.fixtures.data_writers import write_label_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 # Score threshold 0: an untrained model's detections all count (up to 40 per image).

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from bench.workload import ellipse_indices, make_workload
 from metrics.postprocess import apply_postprocess, mask_nms, search_postprocess
 from metrics.sartorius import masks_overlap, sartorius_score
-from utils.masks import fortran_indices_to_rle, rle_to_fortran_indices
+from tests.fixtures.workload import ellipse_indices, make_workload
+from utils.coco_rle import fortran_indices_to_rle, rle_to_fortran_indices
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:.*overlapping predicted masks:UserWarning")]

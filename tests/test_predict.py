@@ -13,13 +13,16 @@ import torch
 from PIL import Image
 
 import predict
+from datasets.imageio import read_label_image
 from datasets.synthetic import SyntheticSpec, render_image
 from engine.checkpoint import save_checkpoint
 from engine.config import TrainConfig
 from transforms.preprocess import Preprocessing, to_model_input
+from utils.coco_rle import decode_coco_rle
 from utils.image_files import decode_image, expand_inputs
-from utils.masks import decode_coco_rle, decode_kaggle_rle, label_image_to_box_masks
-from utils.writers import read_label_image, render_overlay, write_label_image
+from utils.kaggle_rle import decode_kaggle_rle
+from utils.label_images import label_image_to_box_masks
+from utils.writers import render_overlay, write_label_image
 
 SMALL = dict(model="maskrcnn_resnet18_fpn", min_size=128, max_size=128, anchor_sizes=(8, 16, 32, 64, 128),
              detections_per_img=40, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150)
@@ -162,7 +165,7 @@ def test_predict_folder_with_corrupt_image(tmp_path, checkpoint, capsys):
             assert mask.any() and not (from_csv[mask] > 0).any()    # non-empty, non-overlapping
             from_csv[mask] = k + 1
         assert np.array_equal(from_csv, labels)
-        assert labels.max() == len(label_image_to_box_masks(labels)) == len([r for r in by_id[name] if r])
+        assert labels.max() == len(label_image_to_box_masks(labels)[0]) == len([r for r in by_id[name] if r])
         total += int(labels.max())
         overlay = cv2.imread(str(out / f"{name}_overlay.png"))
         assert overlay.shape == (h, w, 3)
@@ -224,8 +227,7 @@ def test_default_checkpoint_is_newest_best_then_last(tmp_path, checkpoint):
 
 
 def test_postprocess_is_applied(tmp_path, checkpoint, monkeypatch, capsys):
-    import sys
-    import types
+    import metrics.postprocess
 
     calls = []
 
@@ -239,9 +241,7 @@ def test_postprocess_is_applied(tmp_path, checkpoint, monkeypatch, capsys):
 
         return [r for r in results if area(r) >= params["min_area"]][:3]
 
-    fake = types.ModuleType("metrics.postprocess")
-    fake.apply_postprocess = apply_postprocess
-    monkeypatch.setitem(sys.modules, "metrics.postprocess", fake)
+    monkeypatch.setattr(metrics.postprocess, "apply_postprocess", apply_postprocess)
     Image.fromarray(synthetic_image(2)).save(tmp_path / "a.png")
     params = tmp_path / "pp.json"
     params.write_text(json.dumps({"min_area": 5}))
@@ -255,20 +255,6 @@ def test_postprocess_is_applied(tmp_path, checkpoint, monkeypatch, capsys):
     assert 1 <= labels.max() <= 3 and len(rows) == labels.max()
     # predictions.json keeps every detection; only the instance outputs are post-processed.
     assert len(json.loads((out / "predictions.json").read_text())) == calls[0][0]
-
-
-def test_postprocess_without_metrics_module_is_a_clear_error(tmp_path, checkpoint, monkeypatch, capsys):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "metrics.postprocess", None)     # import raises ImportError
-    Image.fromarray(synthetic_image()).save(tmp_path / "a.png")
-    (tmp_path / "pp.json").write_text("{}")
-    rc = run([str(tmp_path / "a.png"), "--checkpoint", str(checkpoint), "--postprocess", str(tmp_path / "pp.json")])
-    err = capsys.readouterr().err
-    assert rc == 2 and "metrics.postprocess" in err
-
-
-# ----------------------------------------------------------------------------- writers
 
 
 def test_label_image_goes_to_tiff_above_65535(tmp_path):
@@ -293,8 +279,8 @@ def test_overlay_tints_instances_and_keeps_background():
 
 
 def test_submission_rows_for_an_image_without_instances():
+    from utils.box_masks import BoxMasks
     from utils.instances import Instances
-    from utils.masks import BoxMasks
     from utils.writers import submission_rows
 
     empty = Instances(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
@@ -312,7 +298,7 @@ def test_detect_matches_torchvision_forward(checkpoint):
     from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
     from engine.evaluation import predict_loader
     from engine.inference import detect
-    from utils.masks import detections_to_coco_results
+    from utils.instances import detections_to_coco_results
 
     model, _ = build_model_from_checkpoint(load_checkpoint(checkpoint))
     model.eval()

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from datasets.synthetic import SyntheticCells, SyntheticSpec, label_image_to_masks, render_image
+from datasets.synthetic import SyntheticCells, SyntheticSpec, render_image
+from utils.label_images import label_image_to_instances
 
 SPEC = SyntheticSpec(num_images=16, split="val")
 
@@ -52,7 +53,7 @@ def test_elongated_class_is_elongated():
     aspect = {1: [], 2: []}
     for index in range(6):
         _, label_image, labels = render_image(SPEC, index)
-        for mask, cls in zip(label_image_to_masks(label_image, len(labels)), labels):
+        for mask, cls in zip(label_image_to_instances(label_image)[0], labels):
             ys, xs = np.nonzero(mask)
             if len(xs) < 40:
                 continue

@@ -11,7 +11,7 @@ import pytest
 
 from datasets import build_dataset
 from datasets.coco import CocoDataset
-from datasets.testing import write_coco, write_instance_folder, write_label_folder, write_sartorius
+from tests.fixtures.data_writers import write_coco, write_instance_folder, write_label_folder, write_sartorius
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

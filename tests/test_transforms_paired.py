@@ -6,9 +6,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transforms import PRESETS, build_transforms
-from transforms.core import (ColorJitter, Compose, RandomHorizontalFlip, RandomRot90, RandomScaleCrop,
-                             RandomVerticalFlip, ToFloatImage, boxes_from_masks)
-from utils.masks import masks_to_boxes
+from transforms.core import (
+    ColorJitter,
+    Compose,
+    RandomHorizontalFlip,
+    RandomRot90,
+    RandomScaleCrop,
+    RandomVerticalFlip,
+    ToFloatImage,
+)
+from utils.box_masks import masks_to_boxes
+
+
+def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """The tight xyxy boxes of a target's masks, by the project's one rule (``utils.box_masks``)."""
+    return torch.from_numpy(masks_to_boxes(masks.numpy()))
 
 
 def make_sample(seed: int, h: int, w: int, n: int):
@@ -34,7 +46,7 @@ def check_consistent(image, target, labels_in):
     assert target["masks"].dtype == torch.uint8 and target["masks"].shape == (n,) + tuple(image.shape[1:])
     assert target["boxes"].dtype == torch.float32 and target["boxes"].shape == (n, 4)
     assert target["labels"].dtype == torch.int64 and target["area"].shape == (n,) and target["iscrowd"].shape == (n,)
-    assert torch.equal(target["boxes"], boxes_from_masks(target["masks"]))          # tight and consistent
+    assert torch.equal(target["boxes"], tight_boxes(target["masks"]))          # tight and consistent
     assert (target["area"] == target["masks"].flatten(1).sum(1).float()).all() and (target["area"] > 0).all()
     assert set(target["labels"].tolist()) <= set(labels_in) and len(set(target["labels"].tolist())) == n
     assert target["image_id"] == 7
@@ -95,7 +107,7 @@ def test_rot90_matches_torch_rot90():
         rotated, out = RandomRot90()(image, target)
         assert torch.equal(rotated, torch.rot90(image, k, dims=(1, 2)))
         assert torch.equal(out["masks"], torch.rot90(target["masks"], k, dims=(1, 2)))
-        assert torch.equal(out["boxes"], boxes_from_masks(out["masks"]))
+        assert torch.equal(out["boxes"], tight_boxes(out["masks"]))
     assert drawn == {0, 1, 2, 3}
 
 
@@ -103,7 +115,7 @@ def test_crop_keeps_partly_visible_instances():
     masks = torch.zeros((2, 20, 20), dtype=torch.uint8)
     masks[0, 2:8, 2:18] = 1        # a wide instance that most crops cut
     masks[1, 15:19, 15:19] = 1     # bottom-right corner only
-    target = {"boxes": boxes_from_masks(masks), "labels": torch.tensor([1, 2]), "masks": masks, "image_id": 0,
+    target = {"boxes": tight_boxes(masks), "labels": torch.tensor([1, 2]), "masks": masks, "image_id": 0,
               "area": masks.flatten(1).sum(1).float(), "iscrowd": torch.zeros(2, dtype=torch.int64)}
     image = torch.rand(3, 20, 20)
     clipped = 0

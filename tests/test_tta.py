@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from engine.tta import cluster_boxes, flip_image, predict_tta, unflip_detections, weighted_segments_fusion
+from utils.box_masks import paste_masks_in_boxes
 from utils.instances import Instances
-from utils.masks import paste_masks_in_boxes
 
 
 def det(boxes, scores, labels, probs, size=(60, 80)) -> dict:
@@ -101,8 +101,9 @@ def test_cluster_boxes_orders_by_score():
 
 
 def test_predict_tta_on_a_model(tmp_path):
-    from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
     from test_predict import make_checkpoint, synthetic_image
+
+    from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
     from transforms.preprocess import Preprocessing, to_model_input
 
     model, _ = build_model_from_checkpoint(load_checkpoint(make_checkpoint(tmp_path / "c.pth")))
@@ -121,10 +122,10 @@ def test_predict_tta_on_a_model(tmp_path):
 
 def test_predict_cli_with_tta(tmp_path, capsys):
     from PIL import Image
+    from test_predict import make_checkpoint, synthetic_image
 
     import predict
-    from test_predict import make_checkpoint, synthetic_image
-    from utils.writers import read_label_image
+    from datasets.imageio import read_label_image
 
     checkpoint = make_checkpoint(tmp_path / "c.pth")
     Image.fromarray(synthetic_image(6)).save(tmp_path / "a.png")

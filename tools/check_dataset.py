@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets.checks import CHECKS  # noqa: E402
 from datasets.errors import DatasetError  # noqa: E402
+from datasets.registry import parse_option  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,9 +40,10 @@ def options_from_args(args: argparse.Namespace) -> dict:
     options = {k: v for k, v in vars(args).items()
                if v is not None and k not in ("dataset", "option", "max_problems", "strict")}
     for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--option expects KEY=VALUE, got {item!r}")
+        try:
+            key, value = parse_option(item)
+        except ValueError as e:
+            raise SystemExit(f"--option: {e}") from None
         options[key] = value
     return options
 

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets.errors import DatasetError  # noqa: E402
 from datasets.sartorius import SartoriusDataset, index_folds, read_index  # noqa: E402
+from metrics.validation import subset_ground_truth  # noqa: E402
 from utils.io import write_json_atomic  # noqa: E402
 
 
@@ -30,12 +31,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-duplicates", action="store_true", help="keep exact duplicate annotations")
     p.add_argument("--skip-bad", action="store_true", help="skip bad rows/images instead of stopping")
     return p
-
-
-def subset(gt: dict, image_ids: set[int]) -> dict:
-    return {"images": [im for im in gt["images"] if im["id"] in image_ids],
-            "annotations": [a for a in gt["annotations"] if a["image_id"] in image_ids],
-            "categories": gt["categories"]}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -56,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
             val_ids = {p + 1 for p in range(len(folds)) if folds[p] == fold}
             train_ids = {p + 1 for p in range(len(folds))} - val_ids
             for split, ids in (("train", train_ids), ("val", val_ids)):
-                part = subset(gt, ids)
+                part = subset_ground_truth(gt, ids)
                 write_json_atomic(os.path.join(args.out, f"fold{fold}_{split}.json"), part, indent=None)
                 print(f"fold{fold}_{split}.json: {len(part['images'])} images, {len(part['annotations'])} annotations")
     return 0

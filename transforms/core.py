@@ -14,13 +14,13 @@ Randomness comes from torch's global generator only, which the training loader s
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from transforms.preprocess import Preprocessing, to_model_input
-from utils.masks import lazy_zeros, nearest_source_index
+from utils.arrays import lazy_zeros, nearest_source_index
+from utils.box_masks import tight_box
 
 # Target entries with one row per instance; transforms that drop instances index all of them.
 INSTANCE_KEYS = ("boxes", "labels", "masks", "area", "iscrowd")
@@ -44,23 +44,6 @@ def select_instances(target: dict, keep: torch.Tensor) -> dict:
     return target
 
 
-def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
-    """Tight xyxy boxes (float32 ``N×4``, exclusive max edge) of uint8/bool masks ``N×H×W``;
-    all-zero rows for empty masks."""
-    n, h, w = masks.shape
-    if n == 0:
-        return torch.zeros((0, 4), dtype=torch.float32)
-    rows = masks.any(dim=2).bool()                # N×H (any() keeps uint8 for uint8 input)
-    cols = masks.any(dim=1).bool()                # N×W
-    y0 = rows.to(torch.uint8).argmax(dim=1)
-    y1 = h - rows.flip(1).to(torch.uint8).argmax(dim=1)
-    x0 = cols.to(torch.uint8).argmax(dim=1)
-    x1 = w - cols.flip(1).to(torch.uint8).argmax(dim=1)
-    boxes = torch.stack([x0, y0, x1, y1], dim=1).to(torch.float32)
-    boxes[~rows.any(dim=1)] = 0
-    return boxes
-
-
 # Dense cell images carry hundreds of full-size masks (790 × 520 × 704 uint8 = 290 MB), so the
 # geometric transforms below work per instance inside its box and write into a lazily zeroed
 # array: pages no instance touches are never materialised, and no full-stack copy is made.
@@ -82,12 +65,7 @@ def integer_boxes(boxes: torch.Tensor, h: int, w: int, margin: int = BOX_MARGIN)
 
 def _region_box(region: np.ndarray, top: int, left: int) -> tuple[list[float], int]:
     """Tight xyxy box of a binary ``region`` placed at (top, left), and its pixel count."""
-    rows = np.flatnonzero(region.any(axis=1))
-    if len(rows) == 0:
-        return [0.0, 0.0, 0.0, 0.0], 0
-    cols = np.flatnonzero(region.any(axis=0))
-    box = [left + cols[0], top + rows[0], left + cols[-1] + 1, top + rows[-1] + 1]
-    return [float(v) for v in box], int(np.count_nonzero(region))
+    return tight_box(region, top, left).tolist(), int(np.count_nonzero(region))
 
 
 class Compose:
@@ -285,5 +263,5 @@ class ColorJitter:
 
 
 __all__ = ["BOX_MARGIN", "Compose", "ToFloatImage", "RandomHorizontalFlip", "RandomVerticalFlip", "RandomRot90",
-           "RandomScaleCrop", "ColorJitter", "boxes_from_masks", "select_instances",
+           "RandomScaleCrop", "ColorJitter", "select_instances",
            "INSTANCE_KEYS"]

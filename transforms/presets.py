@@ -11,8 +11,15 @@ Evaluation always gets the deterministic part only: the preprocessing contract
 """
 from __future__ import annotations
 
-from transforms.core import (ColorJitter, Compose, RandomHorizontalFlip, RandomRot90, RandomScaleCrop,
-                             RandomVerticalFlip, ToFloatImage)
+from transforms.core import (
+    ColorJitter,
+    Compose,
+    RandomHorizontalFlip,
+    RandomRot90,
+    RandomScaleCrop,
+    RandomVerticalFlip,
+    ToFloatImage,
+)
 from transforms.preprocess import Preprocessing
 
 PRESETS = ("none", "hflip", "cells", "lsj")

@@ -9,6 +9,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def load_json(path: str | os.PathLike, what: str = "", error: type[Exception] = ValueError) -> Any:
+    """Read a JSON file. A missing or unreadable file, bad UTF-8 or a syntax error raises ``error``
+    (the caller's input-error type) with a message naming the file; ``what`` says what it should hold."""
+    label = f"{what} file {path}" if what else str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"{label}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{label}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{label}: not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise error(f"{label}: cannot read ({e.strerror or e})") from None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same directory; rename it onto ``path`` on success.

@@ -12,15 +12,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from utils.box_masks import box_masks_to_kaggle_rles
 from utils.instances import Instances
 from utils.io import atomic_path, write_json_atomic, write_text_atomic
-from utils.masks import box_masks_to_kaggle_rles
 
 UINT16_MAX_LABELS = np.iinfo(np.uint16).max
 
 
 def display_image(image: np.ndarray) -> np.ndarray:
-    """Any image from ``utils.image_files.read_image`` → ``H×W×3`` uint8 RGB for viewing.
+    """Any image from ``utils.image_files.decode_image`` → ``H×W×3`` uint8 RGB for viewing.
 
     uint8 is shown as is; 16-bit and float images are stretched between their 0.5th and 99.5th
     percentiles (microscopes rarely fill the 16-bit range). Alpha is dropped.
@@ -91,7 +91,8 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
 
 
 def write_label_image(path_without_suffix: str | os.PathLike, labels: np.ndarray) -> Path:
-    """Label image → 16-bit PNG (``.png``), or 32-bit TIFF (``.tif``) above 65535 instances.
+    """Label image → 16-bit PNG (``.png``), or 32-bit TIFF (``.tif``) above 65535 instances;
+    ``datasets.imageio.read_label_image`` reads either back.
 
     Returns the path written. 0 is background, ``k`` is instance ``k``.
     """
@@ -106,20 +107,6 @@ def write_label_image(path_without_suffix: str | os.PathLike, labels: np.ndarray
     with atomic_path(path) as tmp:
         Image.fromarray(labels.astype(np.int32)).save(tmp, format="TIFF", compression="tiff_deflate")
     return path
-
-
-def read_label_image(path: str | os.PathLike) -> np.ndarray:
-    """Read back a label image written by ``write_label_image`` (uint16 PNG or int32 TIFF)."""
-    path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        from PIL import Image
-
-        with Image.open(path) as im:
-            return np.array(im)
-    labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if labels is None:
-        raise OSError(f"cannot read label image {path}")
-    return labels
 
 
 def submission_rows(image_id: str, instances: Instances) -> list[str]:
