@@ -349,7 +349,8 @@ def main(args: argparse.Namespace, started: float | None = None) -> dict:
     log.info("dataset %s: %d training / %d validation images, classes %s", config.dataset, len(train_set),
              len(val_set), class_names)
     # Both splits may index the same files (folder, sartorius): each skipped item is named once.
-    skipped = list(dict.fromkeys(m for d in (train_set, val_set) for m in getattr(getattr(d, "log", None), "skipped", [])))
+    skipped = list(dict.fromkeys(m for d in (train_set, val_set)
+                                 for m in getattr(getattr(d, "log", None), "skipped", [])))
     if skipped:
         log.warning("data: %d bad item(s) skipped while indexing (--skip-bad): %s%s", len(skipped),
                     "; ".join(skipped[:10]), " …" if len(skipped) > 10 else "")

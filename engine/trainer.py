@@ -463,9 +463,10 @@ class Trainer:
     def _summarise_bad_samples(self) -> None:
         if self.bad_samples:
             shown = list(self.bad_samples)[:10]
+            more = len(self.bad_samples) - len(shown)
             log.warning("%d bad sample(s)/annotation(s) skipped during training (--skip-bad), %d times in all: %s%s",
                         len(self.bad_samples), sum(self.bad_samples.values()), "; ".join(shown),
-                        f"; … ({len(self.bad_samples) - len(shown)} more in train.log)" if len(shown) < len(self.bad_samples) else "")
+                        f"; … ({more} more in train.log)" if more else "")
 
     def _clean_target(self, target: dict) -> dict:
         target, dropped = drop_degenerate_instances(target)
