@@ -57,10 +57,11 @@ def verify_checkpoint_file(path: str | os.PathLike) -> None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is incomplete or damaged (truncated by a crash or a full "
-                              f"disk? {type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"checkpoint {path} could not be read: it is incomplete or damaged (truncated by a "
+                              f"crash or a full disk? {type(exc).__name__}: {exc})") from None
     if bad is not None:
-        raise CheckpointError(f"checkpoint {path} is damaged: its record {bad!r} fails the CRC check")
+        raise CheckpointError(f"checkpoint {path} could not be read: it is damaged, its record {bad!r} fails the "
+                              f"CRC check")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], keep_previous: bool = True) -> None:
