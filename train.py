@@ -22,11 +22,12 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from datasets import build_dataset, dataset_defaults, dataset_names  # noqa: E402
+from datasets.errors import as_bool  # noqa: E402
 from datasets.registry import parse_option  # noqa: E402
 from datasets.statistics import check_objects, recommend_sizes, resize_factor, statistics_from_coco  # noqa: E402
 from engine import distributed  # noqa: E402
 from engine.budget import format_duration, parse_duration  # noqa: E402
-from engine.checkpoint import CheckpointError, find_latest, load_checkpoint  # noqa: E402
+from engine.checkpoint import CheckpointError, find_latest, load_for_resume  # noqa: E402
 from engine.config import BEST_METRICS, ConfigError, TrainConfig, resolve_config  # noqa: E402
 from engine.data import TrainBatchSampler, aspect_ratio_groups, eval_loader, train_loader  # noqa: E402
 from engine.evaluation import headline  # noqa: E402
@@ -36,7 +37,7 @@ from engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted  # noq
 from models import WeightsError, build_model, model_names  # noqa: E402
 from transforms import PRESETS, build_transforms  # noqa: E402
 from transforms.preprocess import CHANNEL_MODES, INTENSITY_POLICIES, Preprocessing, image_channels  # noqa: E402
-from utils.io import write_json_atomic  # noqa: E402
+from utils.io import WRITE_REFUSALS, OutputError, remove_stale_temp_files, write_json_atomic  # noqa: E402
 
 log = logging.getLogger("trainer")
 
@@ -264,7 +265,13 @@ def make_run_dir(config: TrainConfig, resume_from: Path | None, dist_info) -> Pa
     name = distributed.broadcast_object(name)  # every rank writes to rank 0's choice
     run_dir = Path(config.output_dir) / name
     if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if exc.errno not in WRITE_REFUSALS:
+                raise
+            raise ConfigError(f"--output-dir {config.output_dir}: cannot create the run directory {run_dir} "
+                              f"({WRITE_REFUSALS[exc.errno]}); choose a writable --output-dir") from None
     distributed.barrier()
     return run_dir
 
@@ -335,13 +342,22 @@ def main(args: argparse.Namespace, started: float | None = None) -> dict:
     dist_info, device = distributed.init_distributed(config.device)
     resume_from = resolve_resume(config)
     run_dir = make_run_dir(config, resume_from, dist_info)
-    setup_logging(dist_info.is_main, run_dir / "train.log")
+    try:
+        setup_logging(dist_info.is_main, run_dir / "train.log")
+    except OSError as exc:
+        if exc.errno not in WRITE_REFUSALS:
+            raise
+        raise ConfigError(f"cannot write {run_dir / 'train.log'} ({WRITE_REFUSALS[exc.errno]}): the run directory "
+                          f"must be writable (--output-dir)") from None
     seed_everything(config.seed + dist_info.rank, config.deterministic)
     log.info("run directory %s; device %s; %d process(es)", run_dir, device, dist_info.world_size)
     from_defaults = applied_dataset_defaults(args)
     if from_defaults:
         log.info("from the %s dataset's defaults: %s", config.dataset,
                  ", ".join(f"{k}={getattr(config, k)!r}" for k in sorted(from_defaults)))
+    if resume_from is not None and dist_info.is_main:
+        for stale in remove_stale_temp_files(run_dir):
+            log.info("removed %s, left by a write that was cut short", stale)
 
     options = {"data_path": config.data_path, **config.dataset_options}
     train_set = build_dataset(config.dataset, "train", options, None)
@@ -349,7 +365,15 @@ def main(args: argparse.Namespace, started: float | None = None) -> dict:
     class_names = list(train_set.class_names)
     log.info("dataset %s: %d training / %d validation images, classes %s", config.dataset, len(train_set),
              len(val_set), class_names)
-    state = load_checkpoint(resume_from) if resume_from is not None else None
+    # Both splits may index the same files (folder, sartorius): each skipped item is named once.
+    skipped = list(dict.fromkeys(m for d in (train_set, val_set)
+                                 for m in getattr(getattr(d, "log", None), "skipped", [])))
+    if skipped:
+        log.warning("data: %d bad item(s) skipped while indexing (--skip-bad): %s%s", len(skipped),
+                    "; ".join(skipped[:10]), " …" if len(skipped) > 10 else "")
+    state = None
+    if resume_from is not None:
+        state, resume_from = load_for_resume(resume_from)
     if state is None:
         config = resolve_from_data(config, pinned, train_set)
     else:   # the data decided these (and --max-time the length) when the run started; the checkpoint keeps them
@@ -384,7 +408,8 @@ def main(args: argparse.Namespace, started: float | None = None) -> dict:
     if batch_sampler.passes > 1:
         log.info("%d training images: each epoch repeats them %d times (%d iterations; --min-epoch-iters %d)",
                  len(train_set), batch_sampler.passes, len(batch_sampler), config.min_epoch_iters)
-    loader = train_loader(train_set, batch_sampler, config.seed, config.workers)
+    loader = train_loader(train_set, batch_sampler, config.seed, config.workers,
+                          skip_bad=as_bool(config.dataset_options.get("skip_bad"), False))
     val = eval_loader(val_set, config.batch_size, config.workers, dist_info.rank, dist_info.world_size)
     optimizer = build_optimizer(model_without_ddp, config)
     schedule, deadline = plan_run(config, len(batch_sampler), resume_from is not None, started)
@@ -433,6 +458,9 @@ def run_cli(argv: list[str] | None = None) -> int:
         if os.environ.get("MRCNN_TRACEBACK"):
             raise
         parser.exit(2, f"{parser.prog}: error: {exc}\n(set MRCNN_TRACEBACK=1 to see the traceback)\n")
+    except OutputError as exc:   # a full disk or a read-only folder: what survives is in the message
+        log.error("%s", exc)
+        parser.exit(4, f"{parser.prog}: error: {exc}\n")
     except TrainingInterrupted as exc:
         log.warning("interrupted: checkpoint %s written; resume with --resume %s", exc.checkpoint, exc.checkpoint)
         return 128 + exc.signum

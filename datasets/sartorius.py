@@ -195,6 +195,11 @@ class SartoriusDataset(torch.utils.data.Dataset):
         self.names = [index.names[p] for p in self.positions]
         self._coco_gt: dict | None = None
 
+    @property
+    def log(self) -> BadInputLog:
+        """What was skipped (bad rows and RLEs), like the other formats' ``log``."""
+        return self.index.log
+
     def __len__(self) -> int:
         return len(self.positions)
 

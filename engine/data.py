@@ -3,17 +3,26 @@
 That makes them resumable mid-epoch (skip the batches already done) and the same whatever
 the number of workers: the batch sampler yields ``(index, epoch)`` keys and ``SeededDataset``
 seeds the random generators from them before calling the transforms.
+
+Workers ignore SIGTERM/SIGINT: stopping is the main process's job (engine/trainer.py finishes
+the iteration and writes a checkpoint, which needs the workers alive), and a signal to the
+whole process group (``timeout``, SLURM, Kubernetes, Ctrl-C) reaches the workers as well.
 """
 from __future__ import annotations
 
 import math
 import random
+import signal
 import zlib
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from datasets.errors import DatasetError
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def collate(batch):
@@ -30,11 +39,19 @@ class SeededDataset(Dataset):
 
     torch's, numpy's and Python's global generators are seeded from (seed, epoch, index) for
     the call and restored afterwards, so the caller's random state is not disturbed.
+
+    An item is ``(image, target, skipped)``. With ``skip_bad``, a sample that fails to load
+    (``DatasetError``: a file damaged after indexing) is replaced by the next loadable one,
+    ``index + 1, index + 2, …``, with the same seed, so batches keep their size, ranks stay in
+    step and the run stays reproducible. ``skipped`` carries the messages of what was left
+    out — failed samples and the annotations the dataset itself skipped (its ``log``, a
+    ``BadInputLog``) — because a worker's own counts never reach the main process.
     """
 
-    def __init__(self, dataset: Dataset, seed: int):
+    def __init__(self, dataset: Dataset, seed: int, skip_bad: bool = False):
         self.dataset = dataset
         self.seed = seed
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -42,6 +59,24 @@ class SeededDataset(Dataset):
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         s = _key_seed(self.seed, epoch, index)
+        bad_input_log = getattr(self.dataset, "log", None)
+        seen = len(bad_input_log.skipped) if bad_input_log is not None else 0
+        failed: list[str] = []
+        n = len(self.dataset)
+        for attempt in range(n):
+            try:
+                image, target = self._load_seeded((index + attempt) % n, s)
+                break
+            except DatasetError as exc:
+                if not self.skip_bad:
+                    raise
+                failed.append(str(exc))
+        else:
+            raise DatasetError(f"none of the {n} training samples could be loaded; the first failure: {failed[0]}")
+        left_out = bad_input_log.skipped[seen:] if bad_input_log is not None else []
+        return image, target, (*left_out, *failed)
+
+    def _load_seeded(self, index: int, s: int):
         py_state, np_state = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
@@ -136,6 +171,12 @@ class EvalSampler(Sampler):
         return iter(self.indices)
 
 
+def collate_train(batch):
+    """``(images, targets, skipped)``: ``skipped`` joins the batch's ``SeededDataset`` messages."""
+    images, targets, skipped = zip(*batch)
+    return images, targets, tuple(message for messages in skipped for message in messages)
+
+
 def collate_without_masks(batch):
     """Evaluation needs the images and image ids only (ground truth comes from ``coco_gt()``):
     dropping the ``N×H×W`` masks in the worker saves moving them through shared memory."""
@@ -144,18 +185,44 @@ def collate_without_masks(batch):
 
 
 def _worker_init(worker_id: int) -> None:
+    # The stop signals are the main process's (module docstring). They were blocked while this
+    # worker was created (StopSignalSafeLoader): ignoring them first drops any that arrived
+    # meanwhile, then they are unblocked.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     # Each worker uses one thread: N workers × default threads oversubscribes small machines.
     torch.set_num_threads(1)
 
 
-def train_loader(dataset: Dataset, batch_sampler: TrainBatchSampler, seed: int, workers: int) -> DataLoader:
+class StopSignalSafeLoader(DataLoader):
+    """A DataLoader whose workers start with SIGTERM/SIGINT blocked (a new process inherits
+    the mask), so that a signal arriving while they start cannot kill one before
+    ``_worker_init`` makes it ignore them. Workers end when the main process shuts them down,
+    or, if it dies, when torch's worker watchdog sees their parent gone (within seconds)."""
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()   # starts the workers
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def train_loader(dataset: Dataset, batch_sampler: TrainBatchSampler, seed: int, workers: int,
+                 skip_bad: bool = False) -> DataLoader:
+    """Batches ``(images, targets, skipped)``; see ``SeededDataset`` for ``skip_bad``."""
     # The loader's own generator keeps worker seeding off the global RNG, whose state the
     # checkpoint restores: creating an iterator must not shift the training random stream.
-    return DataLoader(SeededDataset(dataset, seed), batch_sampler=batch_sampler, num_workers=workers,
-                      collate_fn=collate, worker_init_fn=_worker_init if workers else None,
-                      persistent_workers=False, generator=torch.Generator().manual_seed(seed))
+    return StopSignalSafeLoader(SeededDataset(dataset, seed, skip_bad), batch_sampler=batch_sampler,
+                                num_workers=workers, collate_fn=collate_train,
+                                worker_init_fn=_worker_init if workers else None, persistent_workers=False,
+                                generator=torch.Generator().manual_seed(seed))
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=EvalSampler(len(dataset), rank, world_size),
-                      num_workers=workers, collate_fn=collate_without_masks, worker_init_fn=_worker_init if workers else None)
+    return StopSignalSafeLoader(dataset, batch_size=batch_size, sampler=EvalSampler(len(dataset), rank, world_size),
+                                num_workers=workers, collate_fn=collate_without_masks,
+                                worker_init_fn=_worker_init if workers else None)

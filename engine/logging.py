@@ -16,6 +16,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from utils.io import WRITE_REFUSALS, output_error
+
 log = logging.getLogger("trainer")
 
 
@@ -90,13 +92,18 @@ class MetricLogger:
 
 
 class MetricsWriter:
-    """JSON-lines records in ``metrics.jsonl``, mirrored to TensorBoard when it is installed."""
+    """JSON-lines records in ``metrics.jsonl``, mirrored to TensorBoard when it is installed.
+
+    Records are appended (one ``write`` each); a line cut short by a process killed mid-write
+    is removed when the next run opens the file, so every line in it is a complete record.
+    """
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if enabled:
+            drop_partial_last_line(self.path)
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
@@ -106,8 +113,13 @@ class MetricsWriter:
     def write(self, record: dict, step: int) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            if exc.errno in WRITE_REFUSALS:
+                raise output_error(self.path, exc.errno) from exc
+            raise
         if self.tb is not None:
             kind = record.get("type", "train")
             for k, v in record.items():
@@ -117,6 +129,20 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def drop_partial_last_line(path: Path) -> None:
+    """Cut a text file back to its last complete line (one ending in a newline)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        text = f.read()
+        f.truncate(text.rfind(b"\n") + 1)
+    log.warning("%s ended in a partial line (a process killed mid-write): removed it", path)
 
 
 def plot_metrics(metrics_file: Path, out_png: Path) -> Path | None:
@@ -129,7 +155,10 @@ def plot_metrics(metrics_file: Path, out_png: Path) -> Path | None:
         return None
     train, evals = [], []
     for line in metrics_file.read_text().splitlines() if metrics_file.exists() else []:
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except ValueError:   # a line cut short by a full disk
+            continue
         (evals if rec.get("type") == "eval" else train).append(rec)
     if not train:
         return None

@@ -2,11 +2,20 @@
 
 Order inside an epoch boundary matters and is deliberate: the checkpoint is written before
 evaluation, so a failing evaluation still leaves ``last.pth`` to debug or resume from.
+
+Stopping (SIGTERM/SIGINT, to this process or its whole group, at any moment): the iteration
+in progress finishes — or the evaluation, at an epoch boundary — then every rank agrees to
+stop, ``last.pth`` is written at that position and ``TrainingInterrupted`` carries the signal
+out (train.py exits 128 + signal). A repeat more than ``REPEAT_GRACE_S`` later exits at once:
+every file is written atomically, so only the write in progress is lost. Data-loader workers
+ignore both signals (engine/data.py).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -18,14 +27,19 @@ import torch
 
 from engine import distributed
 from engine.budget import StepTimer, budget_total_iters, format_duration
-from engine.checkpoint import save_checkpoint
+from engine.checkpoint import CheckpointError, save_checkpoint
 from engine.config import TrainConfig
+from engine.data import STOP_SIGNALS
 from engine.evaluation import autocast_context, evaluate_model, headline, time_one_evaluation
 from engine.logging import MetricLogger, MetricsWriter, plot_metrics
 from engine.optim import Schedule, plan_schedule
-from utils.io import write_json_atomic
+from utils.io import OutputError, remove_pending_temp_files, write_json_atomic
 
 log = logging.getLogger("trainer")
+
+# A repeated stop signal within this many seconds is the same request delivered twice (SLURM
+# signals every process of a step, and a launcher such as torchrun forwards it as well).
+REPEAT_GRACE_S = 2.0
 
 
 class TrainingInterrupted(Exception):
@@ -118,6 +132,9 @@ class Trainer:
         self.degenerate_total = 0
         self._consecutive_nonfinite = 0
         self._stop_signal: int | None = None
+        self._stop_time = 0.0
+        self.bad_samples: dict[str, int] = {}   # message naming a skipped sample/annotation → times skipped
+        self._pending_bad: list[str] = []
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self, epoch: int, iteration: int) -> dict:
@@ -134,6 +151,7 @@ class Trainer:
             "metrics": self.last_metrics,
             "best_value": self.best_value,
             "nonfinite_total": self.nonfinite_total,
+            "bad_samples": self.bad_samples,
             "class_names": self.class_names,
             "model_name": self.config.model,
             "schedule": self.schedule.to_dict(),
@@ -149,6 +167,7 @@ class Trainer:
         self.best_value = state.get("best_value")
         self.last_metrics = state.get("metrics", {})
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.bad_samples = dict(state.get("bad_samples", {}))
         self._restore_schedule(state.get("schedule"))
         rng = state.get("rng") or []
         if len(rng) == self.dist.world_size:
@@ -159,31 +178,52 @@ class Trainer:
             torch.manual_seed(self.config.seed + 7919 * self.dist.rank + self.start_epoch)
 
     def save(self, name: str, epoch: int, iteration: int) -> Path:
+        """Write checkpoint ``name`` (rank 0). A refused write (full disk, read-only folder)
+        raises ``OutputError`` on every rank, saying what survives and how to go on."""
         state = self.state_dict(epoch, iteration)  # every rank joins the RNG gather
         path = self.run_dir / name
+        failure = None
         if self.dist.is_main:
-            save_checkpoint(path, state)
-        distributed.barrier()
+            try:
+                save_checkpoint(path, state)
+            except (OutputError, CheckpointError) as exc:
+                after = (f"resume from {path} (--resume auto) once it can be written" if path.is_file() else
+                         "no checkpoint of this run exists yet")
+                failure = (getattr(exc, "errno", None) or errno.EIO,
+                           f"{exc}. Training stopped at epoch {epoch + 1}, iteration {iteration}; {after}")
+        failure = distributed.broadcast_object(failure)   # also keeps the ranks in step
+        if failure is not None:
+            raise OutputError(failure[0], failure[1], path)
         return path
 
     # -- signals ----------------------------------------------------------------------------
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         """Stop after the current iteration, writing a checkpoint (what SIGTERM/SIGINT do)."""
         self._stop_signal = signum
+        self._stop_time = time.monotonic()
 
     def _install_signal_handlers(self):
         previous = {}
 
         def handler(signum, frame):
-            log.warning("signal %d received: finishing this iteration, then saving a checkpoint "
-                        "(send it again to exit at once)", signum)
-            self.request_stop(signum)
-            signal.signal(signum, previous[signum])  # a second signal gets the default behaviour
+            if self._stop_signal is None:
+                log.warning("signal %d received: finishing this iteration, then saving a checkpoint "
+                            "(send it again to exit at once)", signum)
+                self.request_stop(signum)
+            elif time.monotonic() - self._stop_time > REPEAT_GRACE_S:
+                log.warning("signal %d received again: exiting now, without a checkpoint at this iteration; "
+                            "%s keeps the last one written", signum, self.run_dir / "last.pth")
+                remove_pending_temp_files()
+                os._exit(128 + signum)
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             previous[sig] = signal.getsignal(sig)
             signal.signal(sig, handler)
         return previous
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal (a collective: every rank calls it at the same point)."""
+        return distributed.any_rank(self._stop_signal is not None, self.device)
 
     def _restore_schedule(self, saved: dict | None) -> None:
         """A resumed run keeps its stored plan: always when a budget fixed it, and otherwise
@@ -252,18 +292,26 @@ class Trainer:
                              batches_done, epoch + 1)
                 if batches_done >= self.iters_per_epoch:
                     epoch, batches_done = epoch + 1, 0
-                self.save("last.pth", epoch, batches_done)
+                path = self.save("last.pth", epoch, batches_done)
                 every = self._eval_every()
                 if finished or (every and batches_done == 0 and epoch % every == 0):
                     report = self.evaluate(epoch)
                     self._maybe_save_best(epoch)
                     self.save("last.pth", epoch, batches_done)  # again, now holding the metrics and best value
+                if not finished and self._stop_requested():   # it came during the save or the evaluation
+                    log.warning("stopping at the start of epoch %d; continue with --resume %s", epoch + 1, path)
+                    raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, path)
+            self._summarise_bad_samples()
         finally:
             for sig, h in previous.items():
                 signal.signal(sig, h)
             self.writer.close()
             if self.dist.is_main:
-                plot = plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
+                try:
+                    plot = plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
+                except OSError as exc:   # a full disk must not hide why training stopped
+                    log.warning("metrics plot not written: %s", exc)
+                    plot = None
                 if plot:
                     log.info("plot of losses and metrics: %s", plot)
         return report
@@ -277,7 +325,8 @@ class Trainer:
         total = self.iters_per_epoch
         logger = MetricLogger(self.device, c.print_freq, header=f"epoch {epoch + 1}/{self.num_epochs}")
         batches_done = start_iter
-        for images, targets in logger.log_every(self.train_loader, total, start=start_iter):
+        for images, targets, skipped in logger.log_every(self.train_loader, total, start=start_iter):
+            self._pending_bad.extend(skipped)
             images = [img.to(self.device, non_blocking=True) for img in images]
             targets = [self._clean_target(t) for t in targets]
             with autocast_context(self.device, c.amp):
@@ -305,13 +354,15 @@ class Trainer:
             logger.update(loss=loss_value, lr=lr, **{k: float(v) for k, v in reduced.items()})
             last_step = self.global_step >= self.schedule.total_iters
             if self.global_step % c.print_freq == 0 or batches_done == total or last_step:
+                self._report_bad_samples()
+                bad = {"bad_samples": len(self.bad_samples)} if self.bad_samples else {}
                 self.writer.write({"type": "train", "epoch": epoch, "iteration": batches_done,
                                    "step": self.global_step, "lr": lr, "loss": loss_value,
-                                   **{k: float(v) for k, v in reduced.items()}, "time": time.time()},
+                                   **{k: float(v) for k, v in reduced.items()}, **bad, "time": time.time()},
                                   self.global_step)
             for hook in self.after_step:
                 hook(self, epoch, batches_done)
-            if distributed.any_rank(self._stop_signal is not None, self.device):
+            if self._stop_requested():
                 path = self.save("last.pth", epoch, batches_done)
                 log.warning("saved %s at epoch %d, iteration %d/%d; continue with --resume %s", path,
                             epoch + 1, batches_done, total, path)
@@ -398,6 +449,24 @@ class Trainer:
             self.model.train()
             self._eval_estimate = distributed.broadcast_object(n * per_image * 1.5 + 5.0)
         return self._eval_estimate
+
+    def _report_bad_samples(self) -> None:
+        """Count and name (rank 0's log) what the data loaders skipped since the last call, on
+        every rank: workers' own counts never reach the main process. A collective."""
+        pending, self._pending_bad = self._pending_bad, []
+        for messages in distributed.all_gather_objects(pending):
+            for message in messages:
+                if message not in self.bad_samples and self.dist.is_main:
+                    log.warning("skipped (--skip-bad): %s [%d different so far]", message, len(self.bad_samples) + 1)
+                self.bad_samples[message] = self.bad_samples.get(message, 0) + 1
+
+    def _summarise_bad_samples(self) -> None:
+        if self.bad_samples:
+            shown = list(self.bad_samples)[:10]
+            more = len(self.bad_samples) - len(shown)
+            log.warning("%d bad sample(s)/annotation(s) skipped during training (--skip-bad), %d times in all: %s%s",
+                        len(self.bad_samples), sum(self.bad_samples.values()), "; ".join(shown),
+                        f"; … ({more} more in train.log)" if more else "")
 
     def _clean_target(self, target: dict) -> dict:
         target, dropped = drop_degenerate_instances(target)

@@ -62,3 +62,70 @@ def test_distributed_launch_with_use_env_trains(tmp_path):
     args = tiny_args(tmp_path, "--device", "cpu", "--epochs", "1", "--name", "launch")
     proc = launch(["torch.distributed.launch", "--use_env"], args, nproc=2)
     assert (tmp_path / "runs" / "launch" / "last.pth").is_file(), proc.stdout[-2000:]
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def test_sigterm_to_every_process_of_a_torchrun_job_stops_all_ranks_at_one_iteration(tmp_path):
+    """As SLURM's scancel stops a job step: SIGTERM to torchrun, both ranks and their data-loader
+    workers at once (each rank also gets torchrun's forwarded copy). Every rank stops at the
+    same iteration, one checkpoint holds both ranks' state, and resuming on 2 processes ends on
+    the weights of an uninterrupted 2-process run."""
+    import random
+    import signal
+    import time
+
+    import torch
+
+    from engine.checkpoint import load_checkpoint
+    # 8 images over 2 ranks, batches of 2: 2 iterations per epoch.
+    exact = ("--device", "cpu", "--deterministic", "--eval-every", "0", "--synthetic-train-images", "8",
+             "--epochs", "3", "-j", "1", "--name", "run")
+    launch(["torch.distributed.run"], tiny_args(tmp_path / "straight", *exact), nproc=2)
+
+    out = tmp_path / "stopped"
+    run_dir = out / "runs" / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "train.py", *tiny_args(out, *exact)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 0.5))
+    for pid in _process_tree(proc.pid):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    log, _ = proc.communicate(timeout=300)
+    stops = [line.split("saved ", 1)[1].split(";")[0] for line in log.splitlines() if " at epoch " in line
+             and "saved " in line and "iteration" in line]
+    assert len(stops) == 2 and stops[0] == stops[1], log[-4000:]   # one line per rank, the same position
+    # torchrun itself ends with a traceback of its SignalException; the ranks end cleanly.
+    assert "DataLoader worker" not in log and log.count("interrupted: checkpoint") == 2, log[-4000:]
+    state = load_checkpoint(run_dir / "last.pth")
+    done = sum(1 for line in metrics.read_text().splitlines() if '"train"' in line)
+    assert len(state["rng"]) == 2 and state["global_step"] == state["epoch"] * 2 + state["iteration"] == done < 6
+
+    launch(["torch.distributed.run"], tiny_args(out, *exact[:-2], "--resume", "auto"), nproc=2)
+    a = load_checkpoint(tmp_path / "straight" / "runs" / "run" / "last.pth")["model"]
+    b = load_checkpoint(run_dir / "last.pth")["model"]
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
