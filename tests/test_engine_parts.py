@@ -127,7 +127,8 @@ def test_loader_with_workers_gives_the_same_augmented_batches():
 
     alone, with_workers = batches(0), batches(2)
     assert len(alone) == len(with_workers) == 2
-    for (images_a, targets_a), (images_b, targets_b) in zip(alone, with_workers):
+    for (images_a, targets_a, skipped_a), (images_b, targets_b, skipped_b) in zip(alone, with_workers):
+        assert skipped_a == skipped_b == ()
         for a, b, ta, tb in zip(images_a, images_b, targets_a, targets_b):
             # Same augmentation draws; pixel values agree to float rounding only, because a worker runs
             # one thread and reductions (ColorJitter's mean) sum in another order with several.

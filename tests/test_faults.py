@@ -195,7 +195,7 @@ def test_bad_samples_found_in_workers_are_counted_and_named(tmp_path):
     bad.write_bytes(bad.read_bytes()[:200])   # the header (its size) reads, the pixels do not
     argv = tiny_args(tmp_path, "--dataset", "folder", "--data-path", str(tmp_path / "train"), "--val-path",
                      str(tmp_path / "val"), "--skip-bad", "-j", "2", "--epochs", "2", "--eval-every", "0",
-                     "--name", "run")
+                     "--name", "run", synthetic=False)
     train.main(train.get_args_parser().parse_args(argv))
     run_dir = tmp_path / "runs" / "run"
     log = (run_dir / "train.log").read_text()
