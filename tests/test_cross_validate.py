@@ -6,6 +6,8 @@ import csv
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from datasets.sartorius import read_index
 from datasets.testing import write_sartorius
 from metrics.crossval import merge_folds
 from metrics.validation import InvalidInputError
+from tests.test_distributed import free_port
 from utils.masks import encode_coco_rle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,16 +46,30 @@ cross_validate = tool("cross_validate")
 runs_table = tool("runs_table")
 
 
+def cv_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--dataset", "sartorius", "--data-path", str(tmp_path / "data"), "--num-folds", str(NUM_FOLDS),
+            "--output-dir", str(tmp_path / "runs"), "--name", "exp", *TINY_CV, *extra]
+
+
 def cv(tmp_path: Path, *extra: str) -> int:
-    return cross_validate.run_cli(["--dataset", "sartorius", "--data-path", str(tmp_path / "data"),
-                                   "--num-folds", str(NUM_FOLDS), "--output-dir", str(tmp_path / "runs"),
-                                   "--name", "exp", *TINY_CV, *extra])
+    return cross_validate.run_cli(cv_args(tmp_path, *extra))
+
+
+def cv_torchrun(tmp_path: Path, *extra: str) -> int:
+    """The command under torchrun, 2 CPU processes (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "tools/cross_validate.py", *cv_args(tmp_path, "--device", "cpu", *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.returncode
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    """Folds 0 and 2 in a first run, then the whole command (fold 1 trained, 0 and 2 skipped),
-    then fold 1 marked unfinished again and the command rerun (it resumes fold 1's last.pth)."""
+    """Folds 0 and 2 in a first run, then the whole command under torchrun (fold 1 trained on 2
+    processes, 0 and 2 skipped), then fold 1 marked unfinished again and the command rerun (it
+    resumes fold 1's last.pth)."""
     tmp = tmp_path_factory.mktemp("cv")
     # Frames of one sample come in pairs: 9 images, 6 samples, 3 folds.
     write_sartorius(str(tmp / "data"), [3, 4, 2, 2, 3, 2, 3, 4, 3], TYPES, frames_per_sample=2, height=64,
@@ -61,7 +78,7 @@ def experiment(tmp_path_factory):
     assert cv(tmp, "--folds", "0,2", "--comment", "tiny") == 0
     partial = json.loads((exp / "metadata.json").read_text())
     mtimes = {k: (exp / f"fold{k}" / "last.pth").stat().st_mtime_ns for k in (0, 2)}
-    assert cv(tmp) == 0
+    assert cv_torchrun(tmp) == 0
     complete = json.loads((exp / "metadata.json").read_text())
     skipped = {k: (exp / f"fold{k}" / "last.pth").stat().st_mtime_ns == mtimes[k] for k in (0, 2)}
     (exp / "fold1" / "fold.json").unlink()
@@ -78,6 +95,8 @@ def test_a_subset_of_folds_leaves_the_oof_report_for_later(experiment):
 def test_second_run_skips_finished_folds_and_resumes_an_unfinished_one(experiment):
     exp = experiment["exp"]
     assert experiment["skipped"] == {0: True, 2: True}, "finished folds were trained again"
+    assert experiment["complete"]["status"] == "done" and experiment["complete"]["world_size"] == 2
+    assert "2 process(es)" in (exp / "fold1" / "train.log").read_text()      # fold 1 trained under torchrun
     log = (exp / "cross_validate.log").read_text()
     assert log.count("fold 0: done already") == 2 and log.count("fold 2: done already") == 2
     # The third run found fold 1 unfinished and went through train.py's --resume auto in its directory.

@@ -279,20 +279,19 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
         train_fold(args, exp_dir, k, num_folds, dist_info.is_main)
         setup_logging(dist_info.is_main, exp_dir / "cross_validate.log")   # train.py logged to the fold's file
 
-    missing = [k for k in range(num_folds) if not fold_done(exp_dir, k)]
-    if dist_info.is_main:
-        report = params = None
-        if not missing:
-            report, params, _ = score_out_of_fold(exp_dir, num_folds, args.nms_iou)
-        write_metadata(exp_dir, check_same_experiment(exp_dir, identity), identity, args, argv, num_folds,
-                       report, params)
-        if missing:
-            log.info("folds %s are not done yet: the OOF report needs all %d (run them with --name %s --folds %s)",
-                     ",".join(map(str, missing)), num_folds, name, ",".join(map(str, missing)))
-        else:
-            log.info("CV raw %.4f, post-processed %.4f → %s", report["cv_raw"]["score"], report["cv_pp"]["score"],
-                     exp_dir)
     distributed.barrier()
+    if not dist_info.is_main:   # the OOF report is rank 0's alone: no other rank waits on it
+        return 0
+    missing = [k for k in range(num_folds) if not fold_done(exp_dir, k)]
+    report = params = None
+    if not missing:
+        report, params, _ = score_out_of_fold(exp_dir, num_folds, args.nms_iou)
+    write_metadata(exp_dir, check_same_experiment(exp_dir, identity), identity, args, argv, num_folds, report, params)
+    if missing:
+        log.info("folds %s are not done yet: the OOF report needs all %d (run them with --name %s --folds %s)",
+                 ",".join(map(str, missing)), num_folds, name, ",".join(map(str, missing)))
+    else:
+        log.info("CV raw %.4f, post-processed %.4f → %s", report["cv_raw"]["score"], report["cv_pp"]["score"], exp_dir)
     return 0
 
 
