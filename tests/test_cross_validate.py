@@ -231,7 +231,9 @@ def test_oof_scoring_matches_the_search_and_evaluate_py(tmp_path):
         (exp / f"fold{k}").mkdir(parents=True)
         (exp / f"fold{k}" / "val_gt.json").write_text(json.dumps(gt))
         (exp / f"fold{k}" / "oof_predictions.json").write_text(json.dumps(noisy_fold_predictions(gt, rng)))
-    (exp / "fold0" / "config.json").write_text(json.dumps({"detections_per_img": 500, "sartorius_score_thresh": 0.5}))
+    for k in range(3):
+        (exp / f"fold{k}" / "config.json").write_text(json.dumps({"detections_per_img": 500,
+                                                                  "sartorius_score_thresh": 0.5}))
     report, params, _ = cross_validate.score_out_of_fold(exp, 3, None)
     assert report["cv_pp"]["score"] == pytest.approx(report["search"]["score"], abs=1e-9)
     assert report["cv_pp"]["score"] > report["cv_raw"]["score"] + 0.05

@@ -181,13 +181,16 @@ def score_out_of_fold(exp_dir: Path, num_folds: int, nms_iou: float | None) -> t
     gt, results, fold_of = merge_folds(gts, preds)
     write_json_atomic(exp_dir / "oof_gt.json", gt, indent=None)
     write_json_atomic(exp_dir / "oof_predictions.json", results, indent=None)
-    config = read_json(exp_dir / "fold0" / "config.json")
+    configs = [read_json(exp_dir / f"fold{k}" / "config.json") for k in range(num_folds)]
+    config = configs[0]
+    # Caps the data decide may differ by fold (each fold's training split): COCO maxDets takes the largest.
+    max_dets = max(int(c["detections_per_img"]) for c in configs)
     class_names = [c["name"] for c in gt["categories"]]
     found = search_postprocess(gt, results, nms_iou=nms_iou)
     print(format_search_table(found))
     params = found["params"]
     write_json_atomic(exp_dir / "postprocess.json", params)
-    report = cv_report(gt, results, fold_of, params, int(config["detections_per_img"]),
+    report = cv_report(gt, results, fold_of, params, max_dets,
                        float(config["sartorius_score_thresh"]), class_names)
     report["search"] = {"score": found["score"], "baseline_score": found["baseline_score"], "nms_iou": nms_iou}
     write_json_atomic(exp_dir / "cv_report.json", report)
