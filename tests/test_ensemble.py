@@ -8,7 +8,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 import predict
 from engine.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
