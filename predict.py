@@ -6,9 +6,10 @@
 
 Without ``--checkpoint`` the newest ``best.pth`` under ``runs/`` is used (else the newest
 ``last.pth``). Several checkpoints (``--checkpoint exp/fold*/best.pth``, the fold models of
-tools/cross_validate.py) are ensembled by weighted segments fusion. Outputs, in ``--output-dir``: ``NAME_overlay.png``, ``NAME_labels.png``
-(16-bit; ``.tif`` above 65535 instances), ``predictions.json`` (COCO results of every
-detection, for evaluate.py) and, with ``--formats csv``, ``submission.csv`` (Kaggle Sartorius).
+tools/cross_validate.py) are ensembled by weighted segments fusion. Outputs, in
+``--output-dir``: ``NAME_overlay.png``, ``NAME_labels.png`` (16-bit; ``.tif`` above 65535
+instances), ``predictions.json`` (COCO results of every detection, for evaluate.py) and, with
+``--formats csv``, ``submission.csv`` (Kaggle Sartorius).
 An image that cannot be read is reported by name; the others are still processed and the
 exit status is 1. Exit status 2: nothing could be done (no checkpoint, no images, bad flag).
 """
