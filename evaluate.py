@@ -13,6 +13,10 @@ removal, maximising the Sartorius score; the JSON is what ``predict.py --postpro
 
     python evaluate.py --gt GT.json --pred PRED.json --search [--search-out postprocess.json] [--nms-iou 0.5]
 
+Scores after that post-processing (what a submission made with ``predict.py --postprocess`` gets):
+
+    python evaluate.py --gt GT.json --pred PRED.json --postprocess postprocess.json
+
 Bad input (malformed JSON, unknown image ids or categories, RLE of the wrong size, NaN
 scores) ends with a message naming the entry and exit status 2.
 """
@@ -53,8 +57,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="COCO maxDets (largest); default 100 from files, the dataset's detections "
                              "per image from a checkpoint. Cells need 1000.")
     metric.add_argument("--iou-types", nargs="+", default=["segm", "bbox"], choices=["segm", "bbox"])
-    metric.add_argument("--sartorius-score-thresh", type=float, default=0.5,
-                        help="predictions below this score are left out of the Sartorius score")
+    metric.add_argument("--sartorius-score-thresh", type=float, default=None,
+                        help="predictions below this score are left out of the Sartorius score (default 0.5; "
+                             "0 with --postprocess, whose per-class thresholds replace it)")
     metric.add_argument("--out", default=None, help="write the report JSON here")
     search = parser.add_argument_group("post-processing search")
     search.add_argument("--search", action="store_true",
@@ -62,6 +67,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     search.add_argument("--search-out", default="postprocess.json", help="where the chosen parameters go")
     search.add_argument("--nms-iou", type=float, default=None,
                         help="mask-IoU NMS threshold applied before overlap removal (off by default)")
+    search.add_argument("--postprocess", metavar="FILE",
+                        help="apply these parameters (a --search output) to the predictions, then score them")
     return parser
 
 
@@ -95,6 +102,7 @@ def evaluate_files(args: argparse.Namespace) -> tuple[dict, dict, list[dict]]:
     if isinstance(results, list):
         results = ids_from_file_names(results, gt)
     check_results(results, gt, tuple(args.iou_types))
+    results = postprocessed(args, gt, results)
     max_dets = args.max_dets or 100
     per_image: dict = {}
     for r in results:
@@ -104,8 +112,25 @@ def evaluate_files(args: argparse.Namespace) -> tuple[dict, dict, list[dict]]:
         print(f"note: {crowded} image(s) have more than {max_dets} predictions; COCO evaluation keeps the "
               f"{max_dets} best-scored per image and category (raise --max-dets for dense images)", file=sys.stderr)
     report = evaluate_predictions(gt, results, max_dets, tuple(args.iou_types),
-                                  sartorius_score_thresh=args.sartorius_score_thresh, validate=False)
+                                  sartorius_score_thresh=sartorius_thresh(args), validate=False)
     return report, gt, results
+
+
+def sartorius_thresh(args: argparse.Namespace) -> float:
+    if args.sartorius_score_thresh is not None:
+        return args.sartorius_score_thresh
+    return 0.0 if args.postprocess else 0.5
+
+
+def postprocessed(args: argparse.Namespace, gt: dict, results: list[dict]) -> list[dict]:
+    """``--postprocess FILE``: the results after per-class thresholds, minimum sizes and overlap
+    removal (``metrics.postprocess``, as predict.py applies them); else the results as given."""
+    if not args.postprocess:
+        return results
+    from metrics.postprocess import check_params, postprocess_results
+
+    params = check_params(load_json(args.postprocess, "post-processing parameters"), args.postprocess)
+    return postprocess_results(gt, results, params)
 
 
 def _dataset_options(args: argparse.Namespace) -> dict:
@@ -197,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-dets must be ≥ 1")
     if args.search and "segm" not in args.iou_types:
         parser.error("--search optimises the Sartorius score, which needs --iou-types segm")
+    if args.postprocess and args.search:
+        parser.error("--postprocess scores post-processed predictions; --search chooses the parameters from raw "
+                     "ones: run them one after the other")
+    if args.postprocess and not from_files:
+        parser.error("--postprocess works on files: write the predictions with --save-predictions, then run "
+                     "--gt GT.json --pred PRED.json --postprocess FILE")
     try:
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:

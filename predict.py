@@ -1,13 +1,15 @@
 """Images in, instance masks out.
 
-    python predict.py IMG [IMG | DIR | GLOB ...] [--checkpoint PATH] [--output-dir DIR]
+    python predict.py IMG [IMG | DIR | GLOB ...] [--checkpoint PATH [PATH ...]] [--output-dir DIR]
                       [--device auto|cpu|cuda] [--batch-size N] [--score-thresh X]
                       [--postprocess FILE] [--tta] [--formats overlay labels json csv]
 
 Without ``--checkpoint`` the newest ``best.pth`` under ``runs/`` is used (else the newest
-``last.pth``). Outputs, in ``--output-dir``: ``NAME_overlay.png``, ``NAME_labels.png``
-(16-bit; ``.tif`` above 65535 instances), ``predictions.json`` (COCO results of every
-detection, for evaluate.py) and, with ``--formats csv``, ``submission.csv`` (Kaggle Sartorius).
+``last.pth``). Several checkpoints (``--checkpoint exp/fold*/best.pth``, the fold models of
+tools/cross_validate.py) are ensembled by weighted segments fusion. Outputs, in
+``--output-dir``: ``NAME_overlay.png``, ``NAME_labels.png`` (16-bit; ``.tif`` above 65535
+instances), ``predictions.json`` (COCO results of every detection, for evaluate.py) and, with
+``--formats csv``, ``submission.csv`` (Kaggle Sartorius).
 An image that cannot be read is reported by name; the others are still processed and the
 exit status is 1. Exit status 2: nothing could be done (no checkpoint, no images, bad flag).
 """
@@ -35,7 +37,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="IMAGE",
                         help="image files (PNG/JPEG/TIFF, 8/16-bit, gray/RGB/RGBA), folders, or glob patterns")
-    parser.add_argument("--checkpoint", help="checkpoint file or run folder (default: newest best.pth under --runs-dir)")
+    parser.add_argument("--checkpoint", nargs="+",
+                        help="checkpoint file or run folder (default: newest best.pth under --runs-dir); several "
+                             "(e.g. exp/fold*/best.pth) are ensembled by weighted segments fusion")
     parser.add_argument("--runs-dir", default="runs", help="where training writes runs; searched without --checkpoint")
     parser.add_argument("--output-dir", default="predictions", help="folder for all outputs")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -175,16 +179,20 @@ def model_view(image: torch.Tensor):
 
 def predict_batch(model, images: list[torch.Tensor], device: torch.device, amp: bool, tta: bool,
                   mask_thresh: float):
-    """Float ``3×H×W`` images → one ``Instances`` per image (all detections, score-descending)."""
+    """Float ``3×H×W`` images → one ``Instances`` per image (all detections, score-descending).
+    ``model`` may be a list of models: their predictions are fused (``engine.tta``)."""
     from engine.evaluation import autocast_context
     from engine.inference import detect
     from utils.instances import Instances
 
     images = [img.to(device) for img in images]
-    if tta:
-        from engine.tta import predict_tta
+    models = model if isinstance(model, (list, tuple)) else [model]
+    if tta or len(models) > 1:
+        from engine.tta import FLIPS, predict_ensemble
 
-        return predict_tta(model, images, amp=amp, mask_threshold=mask_thresh)
+        return predict_ensemble(models, images, amp=amp, mask_threshold=mask_thresh,
+                                flips=FLIPS if tta else ("none",))
+    model = models[0]
     with autocast_context(device, amp):
         outputs = detect(model, images)
     return [Instances.from_detections(out, mask_thresh) for out in outputs]
@@ -223,13 +231,25 @@ def main(args: argparse.Namespace) -> int:
         if not paths:
             raise PredictError("no images to predict on")
         postprocess = load_postprocess(args.postprocess) if args.postprocess else None
-        checkpoint, how = resolve_checkpoint(args.checkpoint, args.runs_dir)
-        print(how, file=sys.stderr)
+        checkpoints = []
+        for given in args.checkpoint or [None]:
+            checkpoint, how = resolve_checkpoint(given, args.runs_dir)
+            print(how, file=sys.stderr)
+            checkpoints.append(checkpoint)
         try:
             device = resolve_device(args.device, 0)
         except RuntimeError as exc:
             raise PredictError(str(exc)) from exc
-        model, class_names, contract = load_model(checkpoint, device, args.score_thresh, args.detections_per_img)
+        models = []
+        for checkpoint in checkpoints:
+            model, names, preprocessing = load_model(checkpoint, device, args.score_thresh, args.detections_per_img)
+            if models and (names, preprocessing) != (class_names, contract):
+                raise PredictError(f"--checkpoint {checkpoint}: classes {names} / input {preprocessing} differ from "
+                                   f"{checkpoints[0]}'s ({class_names} / {contract}); an ensemble needs models of "
+                                   f"one task and one preprocessing")
+            models.append(model)
+            class_names, contract = names, preprocessing
+        model = models if len(models) > 1 else models[0]
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -79,7 +79,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--val-ann", default=S, help="COCO-format: validation annotation json")
     g.add_argument("--train-images", default=S, help="COCO-format: training image folder")
     g.add_argument("--val-images", default=S, help="COCO-format: validation image folder")
-    g.add_argument("--num-folds", type=int, default=S, help="k-fold split (sartorius: grouped by sample_id)")
+    g.add_argument("--num-folds", type=int, default=S, help="k-fold split (sartorius: grouped by sample_id; also folder, coco, synthetic); "
+                        "tools/cross_validate.py trains every fold")
     g.add_argument("--fold", type=int, default=S, help="which fold is validation")
     g.add_argument("--val-fraction", type=float, default=S, help="folder: fraction held out for validation")
     g.add_argument("--val-path", default=S, help="folder: a separate validation folder")

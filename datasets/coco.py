@@ -17,9 +17,16 @@ Option keys (``build_dataset("coco", split, options)``):
   keep_empty     keep training images with no usable annotation as negatives; default False
                  (the val split always keeps every image, as COCO evaluation does)
   skip_bad       skip and count bad annotations/images instead of stopping; default False
+  num_folds      k-fold split of the training JSON (k ≥ 2; cross-validation): "train" and "val"
+                 both come from train_ann/train_images, "val" being fold ``fold``; default 0 (off)
+  fold           which fold is "val"; default 0
+  fold_seed      seed of the fold assignment; default 0
+  fold_group     an image field (e.g. ``sample_id``) whose images always share a fold; default
+                 none (every image on its own)
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -28,6 +35,7 @@ import torch
 from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
 from datasets.imageio import read_image, read_image_size
 from datasets.registry import register_dataset
+from datasets.splits import fold_positions
 from datasets.targets import make_target
 from metrics.validation import annotations_as_list
 from utils.coco_rle import coco_rles_to_masks, segmentation_to_rle
@@ -38,7 +46,7 @@ class CocoDataset(torch.utils.data.Dataset):
     """One COCO JSON + image folder; samples follow docs/architecture.md."""
 
     def __init__(self, ann_path: str, image_dir: str, transforms=None, keep_empty: bool = False,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, fold_group: str | None = None):
         self.ann_path = ann_path
         self.image_dir = image_dir
         self.transforms = transforms
@@ -49,7 +57,7 @@ class CocoDataset(torch.utils.data.Dataset):
             if key not in data:
                 raise DatasetError(f"{ann_path}: no {key!r} key; is this a COCO instances file?")
         self._read_categories(data["categories"])
-        self._read_images(data["images"])
+        self._read_images(data["images"], fold_group)
         self._read_annotations(data["annotations"])
         # Training uses images with at least one usable (non-crowd, non-degenerate) instance.
         self.positions = [p for p in range(len(self._images))
@@ -70,7 +78,7 @@ class CocoDataset(torch.utils.data.Dataset):
         if not ordered:
             raise DatasetError(f"{self.ann_path}: no categories")
 
-    def _read_images(self, images: list) -> None:
+    def _read_images(self, images: list, fold_group: str | None = None) -> None:
         raw_ids = [im.get("id") for im in images]
         if len(set(map(repr, raw_ids))) != len(raw_ids):
             raise DatasetError(f"{self.ann_path}: duplicate image ids")
@@ -95,6 +103,10 @@ class CocoDataset(torch.utils.data.Dataset):
                      "height": height, "width": width}
             if not keep_ids:
                 entry["original_id"] = im["id"]
+            if fold_group:
+                if fold_group not in im:
+                    raise DatasetError(f"{where}: no {fold_group!r} field to group folds by (fold_group)")
+                entry[fold_group] = im[fold_group]
             self._position_of[im["id"]] = len(self._images)
             self._images.append(entry)
 
@@ -128,6 +140,21 @@ class CocoDataset(torch.utils.data.Dataset):
                                   "segmentation": a["segmentation"], "bbox": [x, y, w, h], "box": box,
                                   "area": float(a.get("area", w * h)), "iscrowd": iscrowd, "valid": valid})
         self.log.count("degenerate boxes dropped from targets", degenerate)
+
+    def keep_only(self, positions: list[int]) -> None:
+        """Restrict the dataset to these positions of the JSON's (readable) images, e.g. one fold."""
+        allowed = set(positions)
+        self.positions = [p for p in self.positions if p in allowed]
+        self.image_ids = [self._images[p]["id"] for p in self.positions]
+        self._coco_gt = None
+
+    @property
+    def num_images_read(self) -> int:
+        """Images of the JSON that were read (before leaving out empty or other folds' images)."""
+        return len(self._images)
+
+    def image_field(self, position: int, key: str):
+        return self._images[position][key]
 
     # -- dataset API ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -221,15 +248,29 @@ def coco_defaults(options: dict) -> dict:
 
 
 COCO_OPTIONS = {"data_path": str, "train_ann": str, "val_ann": str, "train_images": str, "val_images": str,
-                "keep_empty": bool, "skip_bad": bool}
+                "keep_empty": bool, "skip_bad": bool, "num_folds": int, "fold": int, "fold_seed": int,
+                "fold_group": str}
 
 
 @register_dataset("coco", defaults=coco_defaults, options=COCO_OPTIONS)
 def build_coco(split: str, options: dict, transforms=None) -> CocoDataset:
-    ann, images = coco_paths(split, options)
+    num_folds = int(options.get("num_folds") or 0)
+    # k-fold: both splits are parts of the training JSON; the val split keeps empty images, as always.
+    ann, images = coco_paths("train" if num_folds else split, options)
     keep_empty = split == "val" or as_bool(options.get("keep_empty"), False)
-    return CocoDataset(ann, images, transforms, keep_empty=keep_empty,
-                       skip_bad=as_bool(options.get("skip_bad"), False))
+    group = options.get("fold_group") or None
+    dataset = CocoDataset(ann, images, transforms, keep_empty=keep_empty,
+                          skip_bad=as_bool(options.get("skip_bad"), False), fold_group=group if num_folds else None)
+    if num_folds:
+        n = dataset.num_images_read
+        groups = [json.dumps(dataset.image_field(p, group), sort_keys=True, default=str) for p in range(n)] if group else None
+        try:
+            positions = fold_positions(n, split, num_folds, int(options.get("fold") or 0),
+                                       int(options.get("fold_seed") or 0), groups)
+        except DatasetError as exc:
+            raise DatasetError(f"{ann}: {exc}") from None
+        dataset.keep_only(positions)
+    return dataset
 
 
 # LIVECell (Edlund et al. 2021) is COCO-format: 520×704 phase-contrast images with up to

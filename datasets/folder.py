@@ -14,6 +14,10 @@ Option keys (``build_dataset("folder", split, options)``):
                 of data_path
   val_fraction  without val_path: fraction of data_path's images held out as "val"; default 0.2
   split_seed    seed of that random hold-out; default 0
+  num_folds     k-fold split of data_path instead of val_fraction (k ≥ 2; cross-validation);
+                default 0 (off)
+  fold          which fold is "val"; default 0
+  fold_seed     seed of the fold assignment; default 0
   class_name    name of the single class; default "cell"
   skip_bad      skip and count images whose files are missing/unreadable; default False
 """
@@ -28,7 +32,7 @@ import torch
 from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
 from datasets.imageio import read_image, read_image_size, read_label_image
 from datasets.registry import register_dataset
-from datasets.splits import random_split
+from datasets.splits import fold_positions, random_split
 from datasets.targets import make_target
 from utils.box_masks import box_masks_to_coco_rle, masks_to_boxes
 from utils.coco_rle import encode_coco_rle
@@ -150,11 +154,12 @@ class FolderDataset(torch.utils.data.Dataset):
     """A list of ``FolderItem``; samples follow docs/architecture.md (labels all 1)."""
 
     def __init__(self, items: list[FolderItem], transforms=None, class_name: str = "cell",
-                 log: BadInputLog | None = None):
+                 log: BadInputLog | None = None, image_ids: list[int] | None = None):
         self.items = list(items)
         self.transforms = transforms
         self.class_names = [class_name]
-        self.image_ids = list(range(1, len(self.items) + 1))
+        # Folds pass the 1-based positions in the whole folder: ids then agree across folds.
+        self.image_ids = list(image_ids) if image_ids is not None else list(range(1, len(self.items) + 1))
         self.names = [it.name for it in self.items]
         self.log = log or BadInputLog()
         self._coco_gt: dict | None = None
@@ -209,7 +214,7 @@ FOLDER_DEFAULTS = {
 
 @register_dataset("folder", defaults=FOLDER_DEFAULTS,
                   options={"data_path": str, "val_path": str, "val_fraction": float, "split_seed": int,
-                           "class_name": str, "skip_bad": bool})
+                           "class_name": str, "skip_bad": bool, "num_folds": int, "fold": int, "fold_seed": int})
 def build_folder(split: str, options: dict, transforms=None) -> FolderDataset:
     root = options.get("data_path")
     if not root:
@@ -218,6 +223,14 @@ def build_folder(split: str, options: dict, transforms=None) -> FolderDataset:
     class_name = options.get("class_name") or "cell"
     log = BadInputLog()
     val_path = options.get("val_path")
+    num_folds = int(options.get("num_folds") or 0)
+    if num_folds and val_path:
+        raise DatasetError("folder: give num_folds (k-fold split of data_path) or val_path, not both")
+    if num_folds:
+        items = scan_folder(root, skip_bad, log)
+        positions = fold_positions(len(items), split, num_folds, int(options.get("fold") or 0),
+                                   int(options.get("fold_seed") or 0))
+        return FolderDataset([items[p] for p in positions], transforms, class_name, log, [p + 1 for p in positions])
     if val_path:
         items = scan_folder(val_path if split == "val" else root, skip_bad, log)
     else:

@@ -35,7 +35,7 @@ import torch
 from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
 from datasets.imageio import read_image, read_image_size
 from datasets.registry import register_dataset
-from datasets.splits import check_fold, grouped_stratified_folds
+from datasets.splits import fold_positions, grouped_stratified_folds
 from datasets.targets import fill_holes, make_target
 from utils.arrays import lazy_zeros
 from utils.kaggle_rle import fill_kaggle_runs, kaggle_rle_to_coco_rle, kaggle_runs_box, parse_kaggle_rle
@@ -265,10 +265,7 @@ def split_positions(index: SartoriusIndex, split: str, num_folds: int, fold: int
             raise DatasetError("sartorius: the val split needs num_folds ≥ 2 (got "
                                f"{num_folds}); set num_folds/fold or evaluate on another dataset")
         return list(range(len(index.names)))
-    check_fold(num_folds, fold)
-    folds = index_folds(index, num_folds, seed)
-    chosen = folds == fold if split == "val" else folds != fold
-    return np.flatnonzero(chosen).tolist()
+    return fold_positions(len(index.names), split, num_folds, fold, seed, index.sample_ids, index.cell_types)
 
 
 # Native resolution (520×704), small anchors for ~15-px cells, and caps above the 790 cells of

@@ -65,6 +65,27 @@ def check_fold(num_folds: int, fold: int) -> None:
         raise DatasetError(f"fold must be in 0..{num_folds - 1}, got {fold}")
 
 
+def fold_positions(num_items: int, split: str, num_folds: int, fold: int, seed: int = 0,
+                   groups: Sequence[Hashable] | None = None, strata: Sequence[Hashable] | None = None) -> list[int]:
+    """Item positions of ``split`` (``"train"``: every fold but ``fold``; ``"val"``: fold ``fold``).
+
+    Folds come from ``grouped_stratified_folds``; without ``groups`` every item is its own
+    group, without ``strata`` all items share one. Same inputs and seed → same positions, so
+    "train" and "val" of one fold partition the items, and the "val" splits of folds
+    ``0..num_folds-1`` cover every item exactly once.
+    """
+    check_fold(num_folds, fold)
+    if num_items < num_folds:
+        raise DatasetError(f"{num_items} images cannot make {num_folds} folds: lower num_folds")
+    groups = list(range(num_items)) if groups is None else groups
+    strata = [0] * num_items if strata is None else strata
+    folds = grouped_stratified_folds(groups, strata, num_folds, seed)
+    if not (folds == fold).any():
+        raise DatasetError(f"fold {fold} of {num_folds} is empty ({len(set(groups))} groups): lower num_folds")
+    chosen = folds == fold if split == "val" else folds != fold
+    return np.flatnonzero(chosen).tolist()
+
+
 def random_split(num_items: int, val_fraction: float, seed: int = 0) -> np.ndarray:
     """Bool ``N``: True for validation items; ``round(N * val_fraction)`` of them (at least one
     when the fraction is > 0 and N ≥ 2), chosen by ``seed`` deterministically."""

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from datasets.registry import register_dataset
+from datasets.splits import fold_positions
 from utils.box_masks import box_masks_to_coco_rle
 from utils.label_images import label_image_to_box_masks, label_image_to_instances
 
@@ -121,23 +122,26 @@ def render_image(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarra
 class SyntheticCells(torch.utils.data.Dataset):
     """The built-in dataset. Images are rendered on first use and cached (a 256² image is 64 KB)."""
 
-    def __init__(self, spec: SyntheticSpec, transforms=None):
+    def __init__(self, spec: SyntheticSpec, transforms=None, positions: list[int] | None = None):
         self.spec = spec
         self.transforms = transforms
         self.class_names = list(CLASS_NAMES)
-        self.image_ids = list(range(spec.num_images))
+        # Image i renders image positions[i] of the spec (a fold's subset); its id is that position.
+        self.positions = list(positions) if positions is not None else list(range(spec.num_images))
+        self.image_ids = list(self.positions)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
-        return self.spec.num_images
+        return len(self.positions)
 
     def get_image_size(self, index: int) -> tuple[int, int]:
         return self.spec.height, self.spec.width
 
     def _render(self, index: int):
-        if index not in self._cache:
-            self._cache[index] = render_image(self.spec, index)
-        return self._cache[index]
+        p = self.positions[index]
+        if p not in self._cache:
+            self._cache[p] = render_image(self.spec, p)
+        return self._cache[p]
 
     def __getitem__(self, index: int):
         image, label_image, labels = self._render(index)
@@ -161,7 +165,7 @@ class SyntheticCells(torch.utils.data.Dataset):
             _, label_image, labels = self._render(index)
             masks, _ = label_image_to_box_masks(label_image)   # instance k is label value k
             images.append({"id": self.image_ids[index], "height": self.spec.height,
-                           "width": self.spec.width, "file_name": f"synthetic_{self.spec.split}_{index:05d}.png"})
+                           "width": self.spec.width, "file_name": f"synthetic_{self.spec.split}_{self.positions[index]:05d}.png"})
             for rle, box, label, area in zip(box_masks_to_coco_rle(masks), masks.tight_boxes(), labels,
                                              masks.areas().tolist()):
                 x0, y0, x1, y1 = box.tolist()
@@ -198,10 +202,18 @@ SYNTHETIC_DEFAULTS = {
 
 @register_dataset("synthetic", defaults=SYNTHETIC_DEFAULTS,
                   options={"synthetic_size": int, "synthetic_train_images": int, "synthetic_val_images": int,
-                           "synthetic_seed": int})
+                           "synthetic_seed": int, "num_folds": int, "fold": int, "fold_seed": int})
 def build_synthetic(split: str, options: dict, transforms=None) -> SyntheticCells:
+    """Options: synthetic_{train,val}_images, synthetic_size, synthetic_seed; with ``num_folds`` ≥ 2
+    both splits are folds (``fold`` is "val", ``fold_seed`` deals them) of the training images."""
     size = int(options.get("synthetic_size") or 256)
-    count = options.get(f"synthetic_{split}_images") or (64 if split == "train" else 16)
+    num_folds = int(options.get("num_folds") or 0)
+    source = "train" if num_folds else split
+    count = options.get(f"synthetic_{source}_images") or (64 if source == "train" else 16)
     spec = SyntheticSpec(num_images=int(count), height=size, width=size,
-                         seed=int(options.get("synthetic_seed") or 0), split=split)
-    return SyntheticCells(spec, transforms)
+                         seed=int(options.get("synthetic_seed") or 0), split=source)
+    positions = None
+    if num_folds:
+        positions = fold_positions(spec.num_images, split, num_folds, int(options.get("fold") or 0),
+                                   int(options.get("fold_seed") or 0))
+    return SyntheticCells(spec, transforms, positions)

@@ -1,8 +1,9 @@
-"""Test-time augmentation: flips, fused by weighted segments fusion.
+"""Test-time augmentation and model ensembles (e.g. the fold models of a cross-validation),
+fused by weighted segments fusion.
 
-Each image is predicted as is and flipped horizontally, vertically and both ways; the
-detections of a flipped copy are mapped back (box mirrored, box-frame mask mirrored). The
-detections of all copies are then fused:
+Each image is predicted by every model, as is and (with TTA) flipped horizontally, vertically
+and both ways; the detections of a flipped copy are mapped back (box mirrored, box-frame mask
+mirrored). The ``T = models × flips`` detection sets are then fused:
 
 1. Clustering (weighted box fusion): detections in descending score order join the cluster of
    the same class whose fused box overlaps theirs most, if that IoU exceeds ``iou_thresh``;
@@ -12,10 +13,12 @@ detections of all copies are then fused:
 3. Score: the members' mean score × min(n, T) / T, for n members and T augmentations, so an
    object found by one flip in four keeps a quarter of its score.
 
-With a single augmentation every cluster is one detection (NMS already separated them) and
-the result equals plain prediction.
+With a single model and no flip every cluster is one detection (NMS already separated them)
+and the result equals plain prediction; a model fused with itself gives its own predictions.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -141,16 +144,30 @@ def weighted_segments_fusion(detections: list[dict], iou_thresh: float = 0.55, m
     return fused.select(order)
 
 
+def predict_ensemble(models: Sequence[torch.nn.Module], images: list[torch.Tensor], amp: bool = False,
+                     mask_threshold: float = 0.5, flips: tuple[str, ...] = ("none",),
+                     iou_thresh: float = 0.55) -> list[Instances]:
+    """Predict ``images`` (float ``3×H×W`` on the models' device) with every model under every
+    flip and fuse the ``len(models) × len(flips)`` detection sets of each image.
+
+    The models must share classes and input preprocessing (the caller checks their
+    checkpoints). At most the largest of the models' detections per image are kept.
+    """
+    device = images[0].device
+    runs = []
+    for model in models:
+        for flip in flips:
+            with autocast_context(device, amp):
+                outputs = detect(model, [flip_image(img, flip) for img in images])
+            runs.append([unflip_detections(out, flip) for out in outputs])
+    caps = [getattr(getattr(unwrap(m), "roi_heads", None), "detections_per_img", None) for m in models]
+    cap = max((c for c in caps if c is not None), default=None)
+    return [weighted_segments_fusion([run[i] for run in runs], iou_thresh, mask_threshold, cap)
+            for i in range(len(images))]
+
+
 def predict_tta(model: torch.nn.Module, images: list[torch.Tensor], amp: bool = False,
                 mask_threshold: float = 0.5, flips: tuple[str, ...] = FLIPS,
                 iou_thresh: float = 0.55) -> list[Instances]:
     """Predict ``images`` (float ``3×H×W`` on the model's device) under every flip and fuse."""
-    device = images[0].device
-    per_flip = []
-    for flip in flips:
-        with autocast_context(device, amp):
-            outputs = detect(model, [flip_image(img, flip) for img in images])
-        per_flip.append([unflip_detections(out, flip) for out in outputs])
-    cap = getattr(getattr(unwrap(model), "roi_heads", None), "detections_per_img", None)
-    return [weighted_segments_fusion([per_flip[f][i] for f in range(len(flips))], iou_thresh, mask_threshold, cap)
-            for i in range(len(images))]
+    return predict_ensemble([model], images, amp, mask_threshold, flips, iou_thresh)

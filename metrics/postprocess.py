@@ -91,6 +91,45 @@ def apply_postprocess(results_for_one_image: list[dict], params: dict, height: i
     return out
 
 
+def postprocess_results(gt: dict, results: list[dict], params: dict) -> list[dict]:
+    """A whole results list post-processed image by image (``apply_postprocess``), images in
+    the order of ``gt["images"]`` (whose heights and widths the masks have)."""
+    by_image: dict = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    out: list[dict] = []
+    for img in gt["images"]:
+        out += apply_postprocess(by_image.get(img["id"], []), params, img["height"], img["width"])
+    return out
+
+
+def check_params(params, where: str) -> dict:
+    """Parameters JSON (``evaluate.py --search`` output) checked → itself; ``InvalidInputError``
+    naming ``where`` and the entry otherwise."""
+    from metrics.validation import InvalidInputError
+
+    def bad(message: str):
+        return InvalidInputError(f"{where}: {message}; write it with evaluate.py --search")
+
+    if not isinstance(params, dict):
+        raise bad("not a JSON object of post-processing parameters")
+    entries = dict(params.get("classes") or {})
+    if "default" in params:
+        entries["default"] = params["default"]
+    if not entries:
+        raise bad("no 'classes' or 'default' parameters")
+    for key, p in entries.items():
+        try:
+            ok = 0 <= float(p["score_thresh"]) <= 1 and int(p["min_size"]) >= 0
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise bad(f"entry {key!r} needs score_thresh in [0, 1] and min_size ≥ 0, got {p!r}")
+    if params.get("nms_iou") is not None and not 0 < float(params["nms_iou"]) <= 1:
+        raise bad(f"nms_iou must be in (0, 1], got {params['nms_iou']!r}")
+    return params
+
+
 # --- search ----------------------------------------------------------------------------------
 
 @dataclass

@@ -42,3 +42,63 @@ def test_random_split():
         random_split(5, 1.0)
     with pytest.raises(DatasetError, match="num_folds"):
         grouped_stratified_folds(["a"], ["x"], 1)
+
+
+@pytest.mark.parametrize("name", ["folder", "coco", "synthetic"])
+def test_k_fold_option_of_every_format_partitions_the_images(name, tmp_path):
+    from datasets import build_dataset
+    from tests.fixtures.data_writers import write_coco, write_label_folder
+
+    if name == "folder":
+        write_label_folder(str(tmp_path), 7)
+        options = {"data_path": str(tmp_path)}
+    elif name == "coco":
+        ann = write_coco(str(tmp_path), num_images=7, empty_images=2)
+        options = {"train_ann": ann, "train_images": str(tmp_path / "images")}
+    else:
+        options = {"synthetic_train_images": 7, "synthetic_size": 48}
+    val_ids = []
+    for fold in range(3):
+        opts = {**options, "num_folds": 3, "fold": fold}
+        train, val = build_dataset(name, "train", opts), build_dataset(name, "val", opts)
+        assert val.image_ids and not set(train.image_ids) & set(val.image_ids)
+        assert [img["id"] for img in val.coco_gt()["images"]] == val.image_ids
+        val_ids += val.image_ids
+    # Every image in exactly one validation fold, with one id whatever the fold (out-of-fold merging needs it).
+    everything = build_dataset(name, "val", {**options, "num_folds": 7, "fold": 0})
+    assert len(val_ids) == len(set(val_ids)) == 7
+    assert set(everything.image_ids) <= set(val_ids)
+    with pytest.raises(DatasetError, match="cannot make 8 folds"):
+        build_dataset(name, "val", {**options, "num_folds": 8, "fold": 0})
+
+
+def test_coco_fold_group_keeps_images_of_a_group_together(tmp_path):
+    import json
+
+    from datasets import build_dataset
+    from tests.fixtures.data_writers import write_coco
+
+    ann = write_coco(str(tmp_path), num_images=8, empty_images=0)
+    data = json.load(open(ann))
+    for k, img in enumerate(data["images"]):
+        img["sample_id"] = f"s{k // 2}"            # pairs of frames
+    json.dump(data, open(ann, "w"))
+    sample = {img["id"]: img["sample_id"] for img in data["images"]}
+    options = {"train_ann": ann, "train_images": str(tmp_path / "images"), "num_folds": 2, "fold_group": "sample_id"}
+    for fold in range(2):
+        train = build_dataset("coco", "train", {**options, "fold": fold})
+        val = build_dataset("coco", "val", {**options, "fold": fold})
+        assert not {sample[i] for i in train.image_ids} & {sample[i] for i in val.image_ids}
+    del data["images"][0]["sample_id"]
+    json.dump(data, open(ann, "w"))
+    with pytest.raises(DatasetError, match="no 'sample_id' field to group folds by"):
+        build_dataset("coco", "val", {**options, "fold": 0})
+
+
+def test_folder_folds_and_val_path_exclude_each_other(tmp_path):
+    from datasets import build_dataset
+    from tests.fixtures.data_writers import write_label_folder
+
+    write_label_folder(str(tmp_path), 3)
+    with pytest.raises(DatasetError, match="not both"):
+        build_dataset("folder", "train", {"data_path": str(tmp_path), "val_path": str(tmp_path), "num_folds": 3})
