@@ -360,7 +360,7 @@ def main(args: argparse.Namespace, started: float | None = None) -> dict:
         for stale in remove_stale_temp_files(run_dir):
             log.info("removed %s, left by a write that was cut short", stale)
 
-    options = {"data_path": config.data_path, **config.dataset_options}
+    options = config.data_options()
     train_set = build_dataset(config.dataset, "train", options, None)
     val_set = build_dataset(config.dataset, "val", options, None)
     class_names = list(train_set.class_names)

@@ -67,7 +67,7 @@ def trainer_config(train_flags: list[str]):
 
     args = train.get_args_parser().parse_args(train_flags)
     config = train.config_from_args(args)
-    options = {"data_path": config.data_path, "seed": config.seed, **config.dataset_options}
+    options = config.data_options()
     train_set = build_dataset(config.dataset, "train", options, None)
     config = train.resolve_from_data(config, train.pinned_options(args), train_set)
     return config, options

@@ -43,7 +43,7 @@ def main() -> None:
     built = [build_model_from_checkpoint(state) for state in states]
     models = [model.eval() for model, _ in built]
     config = built[0][1]
-    options = {**config.dataset_options, "data_path": config.data_path, "seed": config.seed, "num_folds": 0}
+    options = {**config.data_options(), "num_folds": 0}
     options.update(dict(item.split("=", 1) for item in args.dataset_option))
     dataset = build_dataset(config.dataset, "val", options,
                             build_transforms("none", False, Preprocessing.from_config(states[0]["config"])))

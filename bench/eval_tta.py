@@ -33,7 +33,7 @@ def main() -> None:
     state = load_checkpoint(args.checkpoint)
     model, config = build_model_from_checkpoint(state)
     model.eval()
-    dataset = build_dataset(config.dataset, "val", {**config.dataset_options, "data_path": config.data_path},
+    dataset = build_dataset(config.dataset, "val", config.data_options(),
                             build_transforms("none", train=False))
     gt = dataset.coco_gt()
     print(f"{args.checkpoint}: {config.model}, {len(dataset)} {config.dataset} validation images, "

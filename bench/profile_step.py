@@ -26,7 +26,7 @@ def main() -> None:
     from transforms import build_transforms
 
     config = train.config_from_args(train.get_args_parser().parse_args(sys.argv[1:]))
-    options = {"data_path": config.data_path, "seed": config.seed, **config.dataset_options}
+    options = config.data_options()
     dataset = build_dataset(config.dataset, "train", options, build_transforms(config.data_augmentation, True))
     model = build_model(config.model, len(dataset.class_names), config.model_options(), config.weights,
                         config.weights_backbone)

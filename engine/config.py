@@ -84,6 +84,10 @@ class TrainConfig:
     deterministic: bool = False
     print_freq: int = 20
 
+    def data_options(self) -> dict[str, Any]:
+        """What ``datasets.build_dataset`` takes for this run: ``data_path`` and the format's options."""
+        return {"data_path": self.data_path, **self.dataset_options}
+
     def model_options(self) -> ModelOptions:
         names = {f.name for f in fields(ModelOptions)}
         return ModelOptions(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})

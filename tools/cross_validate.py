@@ -53,7 +53,7 @@ import train  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 from engine import distributed  # noqa: E402
 from engine.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from engine.config import ConfigError  # noqa: E402
+from engine.config import ConfigError, TrainConfig  # noqa: E402
 from engine.evaluation import evaluate_checkpoint, headline  # noqa: E402
 from engine.logging import setup_logging  # noqa: E402
 from engine.trainer import TrainingDiverged, TrainingInterrupted  # noqa: E402
@@ -152,7 +152,7 @@ def train_fold(args: argparse.Namespace, exp_dir: Path, fold: int, num_folds: in
                                           config.get("device", "auto"), int(config["batch_size"]), None,
                                           workers=int(config["workers"]))
     if is_main:
-        options = {"data_path": config["data_path"], "seed": config["seed"], **config["dataset_options"]}
+        options = TrainConfig.from_dict(config).data_options()
         gt = build_dataset(config["dataset"], "val", options, None).coco_gt()
         write_json_atomic(fold_dir / "val_gt.json", gt, indent=None)
         write_json_atomic(fold_dir / "oof_predictions.json", results, indent=None)
