@@ -160,7 +160,10 @@ def run_ours(train_flags: list[str], steps: int | None, iters_per_epoch: int, wo
 
 def ablation(config, options: dict, rounds: int) -> list[dict]:
     """Seconds per step on one fixed batch, the trainer's changes added one at a time."""
+    import dataclasses
+
     from datasets import build_dataset
+    from engine.optim import build_optimizer
     from transforms import build_transforms
     from transforms.preprocess import Preprocessing
 
@@ -179,16 +182,23 @@ def ablation(config, options: dict, rounds: int) -> list[dict]:
         (f"+ RPN top-k {config.rpn_pre_nms_top_n_train} in training",
          {"rpn_pre_nms_top_n_train": config.rpn_pre_nms_top_n_train,
           "rpn_post_nms_top_n_train": config.rpn_post_nms_top_n_train}, False),
-        ("+ fused optimizer", {}, True),
+        (f"+ the trainer's optimizer ({config.opt}), per-tensor kernels", {}, "plain"),
+        ("+ fused optimizer kernels", {}, "fused"),
     ]
     variants, changes = [], {}
-    for name, change, fused in steps:
+    for name, change, optimizer in steps:
         changes = {**changes, **change}
         torch.manual_seed(0)
         model = torchvision_model(config, num_classes, **changes)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4, fused=True if fused else None)
+        if optimizer is False:      # the references' SGD
+            opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
+        else:                       # the trainer's, at a small lr: only the time of a step matters here
+            opt = build_optimizer(model, dataclasses.replace(config, lr=1e-5))
+            if optimizer == "plain":
+                for group in opt.param_groups:
+                    group.update(fused=None, foreach=False)
         variants.append({"name": name, "model": model, "opt": opt, "times": []})
 
     def one_step(v: dict) -> float:
