@@ -20,6 +20,48 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+class BoxFrameDetector(torch.nn.Module):
+    """The eval-mode forward of a torchvision Mask R-CNN without the full-canvas mask paste.
+
+    ``forward(images)`` takes a list of float ``3×H×W`` images in [0, 1] and returns one dict per
+    image: ``boxes`` float32 ``N×4`` xyxy in input pixels, ``scores`` float32 ``N``, ``labels``
+    int64 ``N`` and ``mask_probs`` float32 ``N×M×M`` (M = 28, the predicted class's mask
+    probabilities in the box frame). Shares the model's modules (no copy); TorchScript-able, so
+    ``tools/export.py`` exports exactly this computation.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        net = unwrap(model)
+        self.transform = net.transform
+        self.backbone = net.backbone
+        self.rpn = net.rpn
+        self.roi_heads = net.roi_heads
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        original_sizes: list[tuple[int, int]] = []
+        for img in images:
+            original_sizes.append((img.shape[-2], img.shape[-1]))
+        image_list, _ = self.transform(images, None)
+        features = self.backbone(image_list.tensors)
+        if isinstance(features, torch.Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, _ = self.rpn(image_list, features, None)
+        detections, _ = self.roi_heads(features, proposals, image_list.image_sizes, None)
+        outputs: list[dict[str, torch.Tensor]] = []
+        for i, det in enumerate(detections):
+            masks = det["masks"]
+            resized = image_list.image_sizes[i]
+            original = original_sizes[i]
+            outputs.append({
+                "boxes": resize_boxes(det["boxes"].float(), [resized[0], resized[1]], [original[0], original[1]]),
+                "scores": det["scores"].float(),
+                "labels": det["labels"],
+                "mask_probs": masks[:, 0].float(),
+            })
+        return outputs
+
+
 @torch.inference_mode()
 def detect(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, Any]]:
     """Run a torchvision Mask R-CNN in eval mode on ``images`` (each float ``3×H×W`` in [0, 1]).
@@ -33,21 +75,7 @@ def detect(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str,
     net = unwrap(model)
     if net.training:
         raise RuntimeError("detect() needs the model in eval mode (call model.eval())")
-    original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-    image_list, _ = net.transform(images)
-    features = net.backbone(image_list.tensors)
-    if isinstance(features, torch.Tensor):
-        features = OrderedDict([("0", features)])
-    proposals, _ = net.rpn(image_list, features)
-    detections, _ = net.roi_heads(features, proposals, image_list.image_sizes)
-    outputs = []
-    for det, resized, original in zip(detections, image_list.image_sizes, original_sizes):
-        masks = det["masks"]
-        outputs.append({
-            "boxes": resize_boxes(det["boxes"].float(), list(resized), list(original)),
-            "scores": det["scores"].float(),
-            "labels": det["labels"],
-            "mask_probs": masks[:, 0].float() if masks.ndim == 4 else masks.float(),
-            "image_size": original,
-        })
+    outputs = BoxFrameDetector(net)(images)
+    for out, img in zip(outputs, images):
+        out["image_size"] = (int(img.shape[-2]), int(img.shape[-1]))
     return outputs
