@@ -82,6 +82,11 @@ def export_record(state: dict[str, Any], model: torch.nn.Module, fmt: str, examp
     return record
 
 
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def _load(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
     from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
 
@@ -97,8 +102,7 @@ def export_torchscript(checkpoint: str | os.PathLike, out: str | os.PathLike) ->
     try:
         scripted = torch.jit.script(SingleImageDetector(model).eval())
     except Exception as exc:        # TorchScript reports any unsupported construct this way
-        raise ExportError(f"{checkpoint}: TorchScript cannot compile this model "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        raise ExportError(f"{checkpoint}: TorchScript cannot compile this model ({_first_line(exc)})") from exc
     text = json.dumps(record, indent=1)
     with atomic_path(out) as tmp:
         torch.jit.save(scripted, str(tmp), _extra_files={"preprocessing.json": text})
@@ -138,8 +142,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike,
                                   dynamic_axes={"image": {1: "height", 2: "width"},
                                                 **{name: {0: "detections"} for name in OUTPUT_NAMES}})
         except Exception as exc:
-            raise ExportError(f"{checkpoint}: ONNX export failed ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+            raise ExportError(f"{checkpoint}: ONNX export failed ({_first_line(exc)})") from exc
         proto = onnx.load(str(tmp))
         entry = proto.metadata_props.add()
         entry.key, entry.value = "preprocessing", json.dumps(record)

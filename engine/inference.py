@@ -12,7 +12,11 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+import torchvision
+from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.transform import resize_boxes
+
+MASK_CHUNK = 100     # detections per pass of the mask head
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -37,6 +41,7 @@ class BoxFrameDetector(torch.nn.Module):
         self.backbone = net.backbone
         self.rpn = net.rpn
         self.roi_heads = net.roi_heads
+        self.mask_chunk = MASK_CHUNK
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         original_sizes: list[tuple[int, int]] = []
@@ -47,7 +52,7 @@ class BoxFrameDetector(torch.nn.Module):
         if isinstance(features, torch.Tensor):
             features = OrderedDict([("0", features)])
         proposals, _ = self.rpn(image_list, features, None)
-        detections, _ = self.roi_heads(features, proposals, image_list.image_sizes, None)
+        detections = self._roi_heads(features, proposals, image_list.image_sizes)
         outputs: list[dict[str, torch.Tensor]] = []
         for i, det in enumerate(detections):
             masks = det["masks"]
@@ -60,6 +65,28 @@ class BoxFrameDetector(torch.nn.Module):
                 "mask_probs": masks[:, 0].float(),
             })
         return outputs
+
+    def _roi_heads(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                   image_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """torchvision's ``RoIHeads`` eval path, with the mask branch run ``MASK_CHUNK`` (``self.mask_chunk``) detections
+        at a time: the mask head's ``256×28×28`` features of every detection at once are the
+        largest tensor of the forward (640 MB for 800 detections). Same numbers per detection."""
+        heads = self.roi_heads
+        box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_sizes))
+        class_logits, box_regression = heads.box_predictor(box_features)
+        boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
+        results: list[dict[str, torch.Tensor]] = []
+        for i in range(len(boxes)):
+            # One pass under the ONNX tracer (a loop over detections would be unrolled at the traced count).
+            step = boxes[i].shape[0] if torchvision._is_tracing() else self.mask_chunk
+            probs: list[torch.Tensor] = []
+            for first in range(0, max(int(boxes[i].shape[0]), 1), max(int(step), 1)):
+                # Boxes per image of the batch (the pooler takes the image index from the list position).
+                chunk = [boxes[j][first:first + step] if j == i else boxes[j][:0] for j in range(len(boxes))]
+                logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, chunk, image_sizes)))
+                probs.append(maskrcnn_inference(logits, [labels[i][first:first + step]])[0])
+            results.append({"boxes": boxes[i], "scores": scores[i], "labels": labels[i], "masks": torch.cat(probs)})
+        return results
 
 
 @torch.inference_mode()

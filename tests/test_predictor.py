@@ -202,3 +202,20 @@ def test_tiled_prediction_end_to_end(tmp_path, checkpoint, capsys):
     rc = predict.main(predict.get_args_parser().parse_args(
         [str(tmp_path / "big.png"), "--checkpoint", str(checkpoint), "--tile", "96", "--tile-overlap", "60"]))
     assert rc == 2 and "--tile-overlap" in capsys.readouterr().err
+
+
+def test_mask_head_in_chunks_gives_torchvision_results(predictor, monkeypatch):
+    """detect() runs the mask head a few detections at a time (memory); every chunk size, in a
+    batch of two images of different sizes, gives torchvision's own forward."""
+    import engine.inference
+    from engine.inference import detect
+    from utils.masks import detections_to_coco_results
+
+    images = [to_model_input(synthetic_image(4), predictor.contract),
+              to_model_input(synthetic_image(5, 80, 64), predictor.contract)]
+    with torch.inference_mode():
+        reference = predictor.model(images)
+    assert min(len(r["boxes"]) for r in reference) > 7
+    monkeypatch.setattr(engine.inference, "MASK_CHUNK", 7)
+    for ref, out in zip(reference, detect(predictor.model, images)):
+        assert detections_to_coco_results(ref, 1) == detections_to_coco_results(out, 1)
