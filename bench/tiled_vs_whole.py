@@ -8,6 +8,8 @@ matches. Targets (issue 12): counts within 1 %, ≥ 98 % matched, mean IoU ≥ 0
 
     python bench/tiled_vs_whole.py --checkpoint RUN/best.pth --images ../shared/data/monuseg/test/images \\
         --tile 512 --tile-overlap 128
+    python bench/tiled_vs_whole.py --checkpoint QUICKSTART/best.pth --synthetic 2 --size 256 --mosaic 4 \\
+        --detections-per-img 3000 --rpn-top-n 8000
 """
 from __future__ import annotations
 
@@ -46,7 +48,15 @@ def match_label_images(reference: np.ndarray, other: np.ndarray, min_iou: float 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--images", required=True, help="folder of images")
+    parser.add_argument("--images", help="folder of images")
+    parser.add_argument("--synthetic", type=int, default=0, metavar="N",
+                        help="instead of --images: N generated validation images (datasets.synthetic), every 2nd dense")
+    parser.add_argument("--size", type=int, default=256, help="side of a generated image (cells scale with it)")
+    parser.add_argument("--mosaic", type=int, default=4, help="each input is a mosaic of mosaic×mosaic generated images")
+    parser.add_argument("--detections-per-img", type=int, default=None, help="override the checkpoint's cap")
+    parser.add_argument("--rpn-top-n", type=int, default=None,
+                        help="override the RPN's proposals kept per image at test time (before and after NMS): "
+                             "a whole image denser than the checkpoint's cap loses cells that tiles find")
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--tile-overlap", type=int, default=128)
     parser.add_argument("--score-thresh", type=float, default=0.5)
@@ -54,20 +64,36 @@ def main() -> None:
 
     from engine.predictor import Predictor
 
+    if not args.images and not args.synthetic:
+        parser.error("give --images DIR or --synthetic N")
     whole = Predictor.from_checkpoint(args.checkpoint, device="cpu", score_thresh=args.score_thresh, tile=0,
-                                      keep_view=False)
+                                      keep_view=False, detections_per_img=args.detections_per_img)
+    if args.rpn_top_n:
+        whole.model.rpn._pre_nms_top_n["testing"] = whole.model.rpn._post_nms_top_n["testing"] = args.rpn_top_n
     tiled = Predictor(whole.model, whole.contract, whole.class_names, score_thresh=args.score_thresh,
                       tile=args.tile, tile_overlap=args.tile_overlap, keep_view=False)
-    print(f"{args.checkpoint}; tiles {args.tile} px, overlap {args.tile_overlap} px, score ≥ {args.score_thresh}")
+    print(f"{args.checkpoint}; tiles {args.tile} px, overlap {args.tile_overlap} px, score ≥ {args.score_thresh}; "
+          f"RPN top-n {whole.model.rpn._post_nms_top_n['testing']}, "
+          f"detections per image {whole.model.roi_heads.detections_per_img}")
     print(f"{'image':32s} {'whole':>6s} {'tiled':>6s} {'count Δ':>8s} {'matched':>8s} {'mean IoU':>8s} {'tiles':>5s} "
           f"{'s whole':>7s} {'s tiled':>7s}")
     totals = {"whole": 0, "tiled": 0, "matched": 0, "iou_sum": 0.0}
-    for path in sorted((p for p in os.scandir(args.images) if p.is_file()), key=lambda p: p.name):
+    if args.synthetic:
+        from datasets.synthetic import SyntheticSpec, render_image
+
+        spec = SyntheticSpec(height=args.size, width=args.size, split="val", dense_every=2)
+        m = args.mosaic
+        inputs = [(f"mosaic{i}", np.block([[render_image(spec, (i * m + r) * m + c)[0] for c in range(m)]
+                                            for r in range(m)])) for i in range(args.synthetic)]
+    else:
+        inputs = [(p.name, p.path) for p in sorted(os.scandir(args.images), key=lambda p: p.name) if p.is_file()]
+    for name, source in inputs:
         start = time.perf_counter()
-        ref = whole.predict(path.path)
+        ref = whole.predict(source)
+        ref.name = os.path.splitext(name)[0]
         t_whole = time.perf_counter() - start
         start = time.perf_counter()
-        got = tiled.predict(path.path)
+        got = tiled.predict(source)
         t_tiled = time.perf_counter() - start
         ious = match_label_images(ref.label_image, got.label_image)
         n_ref, n_got = len(ref), len(got)

@@ -135,3 +135,25 @@ def test_export_errors_are_clear(tmp_path, capsys):
     assert "antialiased" in err and "torchscript" in err and not (tmp_path / "m.onnx").exists()
     assert export("--checkpoint", str(tmp_path / "none.pth"), "--format", "torchscript", "--out", "x.pt") == 2
     assert "none.pth" in capsys.readouterr().err
+
+
+def test_docs_onnx_example_gives_the_projects_masks(exported, monkeypatch):
+    """The onnxruntime + numpy example of docs/predict.md pastes masks exactly as utils.masks does."""
+    import re
+
+    _, _, _, folder = exported
+    docs = (ROOT / "docs" / "predict.md").read_text()
+    code = re.search(r"### Running the ONNX file.*?```python\n(.*?)```", docs, re.S).group(1)
+    assert "import torch" not in code and "from engine" not in code and len(code.splitlines()) < 45
+    monkeypatch.chdir(folder)
+    namespace: dict = {}
+    exec(compile(code, "docs/predict.md", "exec"), namespace)
+    image = synthetic_image(4)
+    boxes, scores, names, masks = namespace["predict"](image)
+    assert len(masks) > 0 and set(names) <= {"round", "elongated"}
+    contract_input = to_model_input(image, Preprocessing("full", "gray"))      # 8-bit: ÷255 under any policy
+    probs = namespace["session"].run(None, {"image": contract_input.numpy()})[3]
+    ours = paste_masks_in_boxes(torch.from_numpy(probs), torch.from_numpy(boxes), *image.shape)
+    for (top, left, crop), our_crop, (y0, x0) in zip(masks, ours.crops, ours.offsets.tolist()):
+        assert (top, left) == (y0, x0) and crop.shape == our_crop.shape
+        assert (crop == our_crop).mean() >= 0.999
