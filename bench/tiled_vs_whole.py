@@ -83,9 +83,19 @@ def main() -> None:
 
         spec = SyntheticSpec(height=args.size, width=args.size, split="val", dense_every=2)
         m = args.mosaic
-        inputs = [(f"mosaic{i}", np.block([[render_image(spec, (i * m + r) * m + c)[0] for c in range(m)]
-                                            for r in range(m)])) for i in range(args.synthetic)]
+        inputs, truths = [], {}
+        for i in range(args.synthetic):
+            parts = [[render_image(spec, (i * m + r) * m + c) for c in range(m)] for r in range(m)]
+            inputs.append((f"mosaic{i}", np.block([[p[0] for p in row] for row in parts])))
+            truth, offset = [], 0               # ground truth: the images' label images, numbered apart
+            for row in parts:
+                truth.append([])
+                for _, labels, _ in row:
+                    truth[-1].append(np.where(labels > 0, labels + offset, 0))
+                    offset += int(labels.max())
+            truths[f"mosaic{i}"] = np.block(truth)
     else:
+        truths = {}
         inputs = [(p.name, p.path) for p in sorted(os.scandir(args.images), key=lambda p: p.name) if p.is_file()]
     for name, source in inputs:
         start = time.perf_counter()
@@ -104,6 +114,13 @@ def main() -> None:
         print(f"{ref.name[:32]:32s} {n_ref:6d} {n_got:6d} {(n_got - n_ref) / max(n_ref, 1):+8.2%} "
               f"{len(ious) / max(n_ref, 1):8.2%} {ious.mean() if len(ious) else float('nan'):8.4f} {got.tiles:5d} "
               f"{t_whole:7.1f} {t_tiled:7.1f}")
+        if ref.name in truths:                 # generated images: both against the ground truth
+            truth = truths[ref.name]
+            n_true = len(np.unique(truth)) - 1
+            for what, pred in (("whole", ref), ("tiled", got)):
+                tp = len(match_label_images(truth, pred.label_image))
+                print(f"  vs ground truth ({n_true} cells), {what}: {tp} found at IoU ≥ 0.5, "
+                      f"{len(pred) - tp} false positives")
     n_ref = max(totals["whole"], 1)
     print(f"{'all':32s} {totals['whole']:6d} {totals['tiled']:6d} {(totals['tiled'] - totals['whole']) / n_ref:+8.2%} "
           f"{totals['matched'] / n_ref:8.2%} {totals['iou_sum'] / max(totals['matched'], 1):8.4f}")

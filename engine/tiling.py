@@ -13,7 +13,10 @@ Merge (``merge_tiles``), for every pair of overlapping tiles with shared region 
    off cover the same pixels of ``S``. Pairs are accepted one to one in descending IoU while
    IoU ≥ ``match_iou``, so two neighbouring cells never pair with one;
 2. accepted pairs are joined across all tile pairs (union-find): a cell at a corner of four
-   tiles becomes one group.
+   tiles becomes one group;
+3. a cut part left unpaired whose pixels inside ``S`` are mostly (≥ ``match_iou``) covered by
+   one instance of the other tile is a second piece of that cell (a tile edge can split a cell
+   into two detections) and is dropped.
 
 A group becomes one instance. A part is *cut* when its mask touches (within ``EDGE_PX``) a
 tile side that is not an image side. If some part is whole, the whole part seen with the most
@@ -88,8 +91,11 @@ def _pixels_in(crop: np.ndarray, offset: tuple[int, int], rect: tuple[int, int, 
 
 
 def _match_pair(a: list[int], b: list[int], extent: np.ndarray, crops: list[np.ndarray], offsets: np.ndarray,
-                shared: tuple[int, int, int, int], match_iou: float) -> list[tuple[int, int]]:
-    """One-to-one pairs ``(i, j)``, ``i`` from ``a`` and ``j`` from ``b``, by IoU inside ``shared``."""
+                shared: tuple[int, int, int, int], match_iou: float,
+                covered: np.ndarray) -> list[tuple[int, int]]:
+    """One-to-one pairs ``(i, j)``, ``i`` from ``a`` and ``j`` from ``b``, by IoU inside ``shared``.
+    ``covered[i]`` is raised to the largest share of ``i``'s pixels inside ``shared`` that one
+    instance of the other tile covers."""
     sy0, sx0, sy1, sx1 = shared
     area_in = {i: int(np.count_nonzero(_pixels_in(crops[i], offsets[i], shared))) for i in a + b}
     ea, eb = extent[a], extent[b]
@@ -104,6 +110,8 @@ def _match_pair(a: list[int], b: list[int], extent: np.ndarray, crops: list[np.n
         rect = (int(iy0[p, q]), int(ix0[p, q]), int(iy1[p, q]), int(ix1[p, q]))
         inter = int(np.count_nonzero(_pixels_in(crops[i], offsets[i], rect) & _pixels_in(crops[j], offsets[j], rect)))
         union = area_in[i] + area_in[j] - inter
+        covered[i] = max(covered[i], inter / max(area_in[i], 1))
+        covered[j] = max(covered[j], inter / max(area_in[j], 1))
         if inter and inter >= match_iou * union:
             candidates.append((inter / union, i, j))
     pairs, used = [], set()
@@ -144,6 +152,7 @@ def merge_tiles(parts: list[tuple[Tile, Instances]], height: int, width: int,
     cut = margin < EDGE_PX
 
     parent = list(range(len(crops)))
+    covered = np.zeros(len(crops))
     members_of = [np.flatnonzero((owner == t) & present) for t in range(len(tiles))]
     for ta in range(len(tiles)):
         for tb in range(ta + 1, len(tiles)):
@@ -159,7 +168,7 @@ def merge_tiles(parts: list[tuple[Tile, Instances]], height: int, width: int,
 
             in_a, in_b = reaching(members_of[ta]), reaching(members_of[tb])
             if in_a and in_b:
-                for i, j in _match_pair(in_a, in_b, extent, crops, offsets, shared, match_iou):
+                for i, j in _match_pair(in_a, in_b, extent, crops, offsets, shared, match_iou, covered):
                     parent[_find(parent, i)] = _find(parent, j)
 
     groups: dict[int, list[int]] = {}
@@ -167,6 +176,8 @@ def merge_tiles(parts: list[tuple[Tile, Instances]], height: int, width: int,
         groups.setdefault(_find(parent, i), []).append(i)
     out_boxes, out_scores, out_labels, out_offsets, out_crops = [], [], [], [], []
     for members in groups.values():
+        if len(members) == 1 and cut[members[0]] and covered[members[0]] >= match_iou:
+            continue        # a piece of a cell that a neighbour tile holds (as a whole or a larger part)
         whole = [m for m in members if not cut[m]]
         if len(members) == 1 or whole:
             best = max(whole or members, key=lambda m: (margin[m], scores[m]))

@@ -165,6 +165,17 @@ def test_merge_joins_cells_across_seams_and_keeps_neighbours_apart():
     assert len(grid) == 4
     parts = [(t, tile_instances(t, cells, h, w)) for t in grid]
     assert sum(len(p) for _, p in parts) > 12          # without the merge: duplicates and halves
+    # A tile edge can split a cut cell into two detections: the second piece is dropped too.
+    tile, inst = parts[1]
+    piece = np.zeros((1, tile.y1 - tile.y0, tile.x1 - tile.x0), np.uint8)
+    piece[0, 95:105, 0:4] = cells[1][0][tile.y0 + 95:tile.y0 + 105, tile.x0:tile.x0 + 4]   # cell 1, cut by x0
+    assert piece.any()
+    extra = Instances(np.zeros((1, 4), np.float32), np.array([0.55], np.float32), np.array([1]),
+                      BoxMasks.from_dense(piece))
+    joined = BoxMasks(inst.masks.height, inst.masks.width, np.concatenate([inst.masks.offsets, extra.masks.offsets]),
+                      inst.masks.crops + extra.masks.crops)
+    parts[1] = (tile, Instances(np.concatenate([inst.boxes, extra.boxes]), np.concatenate([inst.scores, extra.scores]),
+                                np.concatenate([inst.labels, extra.labels]), joined))
     merged = merge_tiles(parts, h, w)
     assert len(merged) == len(cells)
     dense = merged.masks.to_dense().astype(bool)
