@@ -1,7 +1,7 @@
 """Fold-model ensemble (weighted segments fusion) against each fold model alone, on held-out images.
 
 Predicts a split that no fold trained on with every checkpoint alone and with all of them
-fused, through the code predict.py uses (``predict.predict_batch`` → ``engine.tta``), and scores
+fused, through the code predict.py uses (``engine.predictor.predict_instances`` → ``engine.tta``), and scores
 each with ``metrics.evaluate_predictions``. The held-out split is the checkpoints' dataset with
 its folds switched off (``num_folds=0``): for ``synthetic`` that is the separately generated
 validation split; other data gives its held-out set with ``--dataset-option``.

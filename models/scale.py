@@ -12,18 +12,20 @@ inside its box, into a lazily zeroed array, instead of interpolating the whole `
 stack as float (hundreds of full-size float masks per dense image). At ``scale == 1`` nothing
 is resampled at all.
 """
-from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
 from utils.arrays import lazy_zeros, nearest_source_index
 
 
-def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    return max(1, round(height * scale)), max(1, round(width * scale))
+def scaled_size(height: int, width: int, scale: float) -> Tuple[int, int]:
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
 def resize_instance_masks(masks: np.ndarray, boxes: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -50,15 +52,36 @@ class ScaleTransform(GeneralizedRCNNTransform):
         super().__init__(min_size=1, max_size=1, image_mean=image_mean, image_std=image_std, **kwargs)
         self.scale = float(scale)
 
-    def resize(self, image: torch.Tensor, target: dict | None = None):
-        h, w = image.shape[-2:]
+    def resize(self, image: torch.Tensor,
+               target: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+        # Typed with typing's names and free of numpy on the image path: TorchScript compiles it
+        # (tools/export.py); the target path runs in Python only (training).
+        if torchvision._is_tracing():       # ONNX export: sizes stay graph values (dynamic input size)
+            return self._resize_traced(image), target
+        h, w = image.shape[-2], image.shape[-1]
         new_h, new_w = scaled_size(h, w, self.scale)
-        if (new_h, new_w) == (h, w):
+        if new_h == h and new_w == w:
             return image, target
-        image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False,
+        image = F.interpolate(image[None], size=[new_h, new_w], mode="bilinear", align_corners=False,
                               antialias=self.scale < 1)[0]
         if target is None:
             return image, target
+        return image, self._resize_target(target, h, w, new_h, new_w)
+
+    @torch.jit.unused
+    def _resize_traced(self, image: torch.Tensor) -> torch.Tensor:
+        """``resize`` of the image under the ONNX tracer: the same sizes (round half to even, as
+        Python's ``round``) computed from the traced shape instead of Python ints."""
+        if self.scale == 1.0:
+            return image
+        size = [torch.clamp(torch.round(image.shape[d] * torch.tensor(self.scale)), min=1).to(torch.int64)
+                for d in (-2, -1)]
+        return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
+                             antialias=self.scale < 1)[0]
+
+    @torch.jit.unused
+    def _resize_target(self, target: Dict[str, torch.Tensor], h: int, w: int, new_h: int,
+                       new_w: int) -> Dict[str, torch.Tensor]:
         target = dict(target)
         if "masks" in target:
             masks = target["masks"]
@@ -69,7 +92,7 @@ class ScaleTransform(GeneralizedRCNNTransform):
                 resized = F.interpolate(masks[:, None].float(), size=(new_h, new_w), mode="nearest")[:, 0].byte()
             target["masks"] = resized
         target["boxes"] = resize_boxes(target["boxes"], (h, w), (new_h, new_w))
-        return image, target
+        return target
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(scale={self.scale}, mean={self.image_mean}, std={self.image_std})"
