@@ -2,7 +2,8 @@
 
     python predict.py IMG [IMG | DIR | GLOB ...] [--checkpoint PATH] [--output-dir DIR]
                       [--device auto|cpu|cuda] [--batch-size N] [--score-thresh X]
-                      [--postprocess FILE] [--tta] [--formats overlay labels json csv]
+                      [--postprocess FILE] [--tta] [--tile SIZE --tile-overlap PX]
+                      [--formats overlay labels json csv]
 
 Without ``--checkpoint`` the newest ``best.pth`` under ``runs/`` is used (else the newest
 ``last.pth``). Outputs, in ``--output-dir``: ``NAME_overlay.png``, ``NAME_labels.png``
@@ -10,24 +11,20 @@ Without ``--checkpoint`` the newest ``best.pth`` under ``runs/`` is used (else t
 detection, for evaluate.py) and, with ``--formats csv``, ``submission.csv`` (Kaggle Sartorius).
 An image that cannot be read is reported by name; the others are still processed and the
 exit status is 1. Exit status 2: nothing could be done (no checkpoint, no images, bad flag).
+The work is done by ``engine.predictor.Predictor`` (the Python API); this file only parses
+flags and writes files.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
-import torch
+from engine.predictor import (AUTO_TILE_PIXELS, DEFAULT_TILE, DEFAULT_TILE_OVERLAP, PredictError, Predictor,
+                              checkpoint_file, load_postprocess, unique_names)
 
 FORMATS = ("overlay", "labels", "json", "csv")
 DEFAULT_FORMATS = ("overlay", "labels", "json")
-
-
-class PredictError(Exception):
-    """A problem that stops the whole run; the message says what to do."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,6 +52,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="outputs to write")
     parser.add_argument("--overlay-text", action="store_true", help="write class and score on the overlay")
     parser.add_argument("--amp", action="store_true", help="mixed precision inference")
+    parser.add_argument("--tile", type=int, default=None, metavar="SIZE",
+                        help=f"predict in overlapping SIZE×SIZE tiles merged across seams (default: "
+                             f"{DEFAULT_TILE} px tiles when the model would see more than "
+                             f"{AUTO_TILE_PIXELS // 1024 ** 2} Mpx; 0: never tile)")
+    parser.add_argument("--tile-overlap", type=int, default=DEFAULT_TILE_OVERLAP, metavar="PX",
+                        help="overlap of neighbouring tiles; more than the largest object's diameter")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -67,14 +70,7 @@ def resolve_checkpoint(checkpoint: str | None, runs_dir: str) -> tuple[Path, str
     from engine.checkpoint import find_latest
 
     if checkpoint:
-        path = Path(checkpoint)
-        if path.is_dir():
-            for name in ("best.pth", "last.pth"):
-                if (path / name).is_file():
-                    return path / name, f"using checkpoint {path / name}"
-            raise PredictError(f"--checkpoint {checkpoint}: folder has no best.pth or last.pth")
-        if not path.is_file():
-            raise PredictError(f"--checkpoint {checkpoint}: no such file")
+        path = checkpoint_file(checkpoint)
         return path, f"using checkpoint {path}"
     for name in ("best.pth", "last.pth"):
         found = find_latest(runs_dir, name)
@@ -84,131 +80,20 @@ def resolve_checkpoint(checkpoint: str | None, runs_dir: str) -> tuple[Path, str
                        f"or pass --checkpoint PATH")
 
 
-def load_model(path: Path, device: torch.device, box_score_thresh: float, detections_per_img: int | None):
-    """Checkpoint → (eval-mode model on ``device``, class names, preprocessing contract)."""
-    from engine.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
-    from transforms.preprocess import Preprocessing
-
-    try:
-        state = load_checkpoint(path)
-        overrides = {}
-        if box_score_thresh < float(state["config"].get("box_score_thresh", 0.05)):
-            overrides["box_score_thresh"] = box_score_thresh    # keep low-score detections if asked
-        if detections_per_img:
-            overrides["detections_per_img"] = detections_per_img
-        model, _ = build_model_from_checkpoint(state, **overrides)
-    except CheckpointError as exc:
-        raise PredictError(str(exc)) from exc
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise PredictError(f"checkpoint {path} does not match this code's models "
-                           f"({type(exc).__name__}: {exc})") from exc
-    class_names = list(state.get("class_names") or [])
-    return model.to(device).eval(), class_names, Preprocessing.from_config(state["config"])
-
-
-def load_postprocess(path: str) -> Callable[[list[dict], int, int], list[dict]]:
-    """``--postprocess FILE`` → function(results_of_one_image, height, width) → results."""
-    try:
-        params = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise PredictError(f"--postprocess {path}: cannot read JSON ({exc})") from exc
-    try:
-        from metrics.postprocess import apply_postprocess
-    except ImportError as exc:
-        raise PredictError("--postprocess needs metrics.postprocess (evaluate.py's post-processing), "
-                           f"which this installation lacks ({exc})") from exc
-    return lambda results, height, width: apply_postprocess(results, params, height, width)
-
-
-def unique_names(paths: list[Path]) -> list[str]:
-    """Output names (file stems), made unique by prefixing parent folders where stems collide."""
-    names: list[str] = []
-    used: set[str] = set()
-    for path in paths:
-        name, parents = path.stem, list(path.resolve().parents)
-        level = 0
-        while name in used:
-            if level < len(parents) and parents[level].name:
-                name = f"{parents[level].name}_{name}"
-                level += 1
-            else:
-                name = f"{name}_{len(used)}"
-        used.add(name)
-        names.append(name)
-    return names
-
-
-# ------------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, every 10 % otherwise)."""
-
-    def __init__(self, total: int, enabled: bool = True, stream=None):
-        stream = stream if stream is not None else sys.stderr
-        self.total, self.done, self.enabled, self.stream = total, 0, enabled and total > 3, stream
-        self.start = time.perf_counter()
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-        self._last_decile = -1
-
-    def update(self, count: int = 1) -> None:
-        self.done += count
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        filled = int(30 * self.done / self.total)
-        line = (f"[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} images  "
-                f"{rate:.2f} img/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}")
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if self.done >= self.total else ""))
-            self.stream.flush()
-        elif self.done * 10 // self.total != self._last_decile:
-            self._last_decile = self.done * 10 // self.total
-            self.stream.write(line + "\n")
-
-
 # ------------------------------------------------------------------------------- run
-
-
-def model_view(image: torch.Tensor):
-    """Model input ``3×H×W`` in [0, 1] → ``H×W×3`` uint8 for the overlay."""
-    return (image.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-
-
-def predict_batch(model, images: list[torch.Tensor], device: torch.device, amp: bool, tta: bool,
-                  mask_thresh: float):
-    """Float ``3×H×W`` images → one ``Instances`` per image (all detections, score-descending)."""
-    from engine.evaluation import autocast_context
-    from engine.inference import detect
-    from utils.instances import Instances
-
-    images = [img.to(device) for img in images]
-    if tta:
-        from engine.tta import predict_tta
-
-        return predict_tta(model, images, amp=amp, mask_threshold=mask_thresh)
-    with autocast_context(device, amp):
-        outputs = detect(model, images)
-    return [Instances.from_detections(out, mask_thresh) for out in outputs]
 
 
 def main(args: argparse.Namespace) -> int:
     import cv2
 
-    from engine.distributed import resolve_device
-    from transforms.preprocess import to_model_input
-    from utils.image_files import ImageReadError, decode_image, expand_inputs
-    from utils.writers import (render_overlay, submission_rows, write_label_image, write_png,
-                               write_predictions_json, write_submission_csv)
-    from utils.instances import Instances
-    from utils.masks import box_masks_to_label_image
+    from utils.image_files import expand_inputs
+    from utils.writers import write_label_image, write_png, write_predictions_json, write_submission_csv
 
     logging_api = getattr(getattr(cv2, "utils", None), "logging", None)
     if logging_api is not None:          # our message names a corrupt file; silence OpenCV's own
         logging_api.setLogLevel(logging_api.LOG_LEVEL_SILENT)
     failures: list[str] = []
+    formats = set(args.formats)
     try:
         if args.batch_size < 1:
             raise PredictError(f"--batch-size must be ≥ 1, got {args.batch_size}")
@@ -223,58 +108,34 @@ def main(args: argparse.Namespace) -> int:
         postprocess = load_postprocess(args.postprocess) if args.postprocess else None
         checkpoint, how = resolve_checkpoint(args.checkpoint, args.runs_dir)
         print(how, file=sys.stderr)
-        try:
-            device = resolve_device(args.device, 0)
-        except RuntimeError as exc:
-            raise PredictError(str(exc)) from exc
-        model, class_names, contract = load_model(checkpoint, device, args.score_thresh, args.detections_per_img)
+        predictor = Predictor.from_checkpoint(
+            checkpoint, device=args.device, tta=args.tta, postprocess=postprocess, score_thresh=args.score_thresh,
+            detections_per_img=args.detections_per_img, mask_thresh=args.mask_thresh, batch_size=args.batch_size,
+            amp=args.amp, tile=args.tile, tile_overlap=args.tile_overlap, keep_view="overlay" in formats)
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    def report(message: str) -> None:
+        print(f"\nerror: {message}", file=sys.stderr)
+        failures.append(message)
+
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    formats = set(args.formats)
-    names = unique_names(paths)
     results: list[dict] = []
     rows: list[str] = []
-    progress = Progress(len(paths), enabled=not args.quiet)
     total_instances = 0
-    for start in range(0, len(paths), args.batch_size):
-        batch = []
-        for path, name in zip(paths[start:start + args.batch_size], names[start:start + args.batch_size]):
-            try:
-                # The checkpoint's preprocessing contract: the input its training and validation saw.
-                batch.append((name, to_model_input(decode_image(path), contract)))
-            except ValueError as exc:     # ImageReadError names the file; the contract's errors don't
-                message = str(exc) if isinstance(exc, ImageReadError) else f"{path}: {exc}"
-                print(f"\nerror: {message}", file=sys.stderr)
-                failures.append(message)
-                progress.update()
-        if not batch:
-            continue
-        predictions = predict_batch(model, [image for _, image in batch], device, args.amp, args.tta,
-                                    args.mask_thresh)
-        for (name, image), instances in zip(batch, predictions):
-            height, width = instances.image_size
-            if "json" in formats or postprocess is not None:
-                image_results = instances.to_coco_results(name)
-                results += image_results
-            if postprocess is not None:
-                final = Instances.from_coco_results(postprocess(image_results, height, width), height, width)
-            else:
-                final = instances.above(args.score_thresh)
-            final = final.non_overlapping()
-            total_instances += len(final)
-            labels = box_masks_to_label_image(final.masks) if formats & {"overlay", "labels"} else None
-            if "labels" in formats:
-                write_label_image(out_dir / f"{name}_labels", labels)
-            if "overlay" in formats:
-                write_png(out_dir / f"{name}_overlay.png",    # drawn on what the model saw
-                          render_overlay(model_view(image), labels, final if args.overlay_text else None, class_names))
-            if "csv" in formats:
-                rows += submission_rows(name, final)
-            progress.update()
+    for prediction in predictor.predict_paths(paths, unique_names(paths), on_error=report, progress=not args.quiet):
+        name = prediction.name
+        if "json" in formats:
+            results += prediction.to_coco(every_detection=True)
+        total_instances += len(prediction)
+        if "labels" in formats:
+            write_label_image(out_dir / f"{name}_labels", prediction.label_image)
+        if "overlay" in formats:             # drawn on what the model saw
+            write_png(out_dir / f"{name}_overlay.png", prediction.overlay(text=args.overlay_text))
+        if "csv" in formats:
+            rows += prediction.to_kaggle_rows()
 
     if "json" in formats:
         write_predictions_json(out_dir / "predictions.json", results)

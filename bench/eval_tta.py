@@ -52,12 +52,12 @@ def main() -> None:
 
 def predict_split(model, dataset, tta: bool, batch_size: int) -> dict:
     """COCO results of every image of ``dataset`` through predict.py's path, keyed by image id."""
-    from predict import predict_batch
+    from engine.predictor import predict_instances
 
     per_image = {}
     for first in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(first, min(first + batch_size, len(dataset)))]
-        instances = predict_batch(model, [image for image, _ in items], torch.device("cpu"), False, tta, 0.5)
+        instances = predict_instances(model, [image for image, _ in items], torch.device("cpu"), False, tta, 0.5)
         for (_, target), inst in zip(items, instances):
             per_image[target["image_id"]] = inst.to_coco_results(target["image_id"])
     return per_image

@@ -79,8 +79,30 @@ def _channels_last(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _scale_intensity(array: np.ndarray, policy: str) -> np.ndarray:
-    """``H×W×C`` any dtype → float32 in [0, 1] by ``policy`` (see the module docstring)."""
+def intensity_bounds(image, contract: Preprocessing) -> np.ndarray | None:
+    """Per-channel ``(low, high)`` float32 ``C×2`` that ``contract`` maps to [0, 1] for this image,
+    or ``None`` where the mapping needs no statistics (uint8, bool, ``intensity="full"``).
+
+    Computed once on a whole image, the bounds let ``to_model_input(region, contract, bounds)``
+    convert any region (a tile) exactly as the whole image would be converted.
+    """
+    array = _channels_last(np.asarray(image))
+    if array.dtype in (np.uint8, np.bool_) or contract.intensity == "full":
+        return None
+    bounds = np.empty((array.shape[2], 2), dtype=np.float32)
+    for c in range(array.shape[2]):          # one channel at a time: a float32 copy of one plane
+        channel = array[:, :, c].astype(np.float32)
+        if not np.isfinite(channel).all():
+            channel = np.nan_to_num(channel, nan=0.0, posinf=0.0, neginf=0.0)
+        # float32 bounds: NumPy 2 would promote float32 − float64 scalars to float64.
+        low, high = (np.float32(v) for v in np.percentile(channel, PERCENTILES))
+        bounds[c] = (low, high if high > low else low + np.float32(1))
+    return bounds
+
+
+def _scale_intensity(array: np.ndarray, policy: str, bounds: np.ndarray | None = None) -> np.ndarray:
+    """``H×W×C`` any dtype → float32 in [0, 1] by ``policy`` (see the module docstring);
+    ``bounds`` (from ``intensity_bounds`` of the whole image) replace this array's percentiles."""
     if array.dtype == np.uint8:
         return array.astype(np.float32) * np.float32(1 / 255)
     if array.dtype == np.bool_:
@@ -92,14 +114,13 @@ def _scale_intensity(array: np.ndarray, policy: str) -> np.ndarray:
         if np.issubdtype(array.dtype, np.integer):
             values *= np.float32(1 / np.iinfo(array.dtype).max)
         return np.clip(values, 0.0, 1.0, out=values)
+    if bounds is None:
+        bounds = intensity_bounds(array, Preprocessing(policy, "rgb"))
+    if len(bounds) != values.shape[2]:
+        raise ValueError(f"intensity bounds for {len(bounds)} channels given for an image with {values.shape[2]}")
     out = np.empty_like(values)
-    for c in range(values.shape[2]):
-        channel = values[:, :, c]
-        # float32 bounds: NumPy 2 would promote float32 − float64 scalars to float64.
-        low, high = (np.float32(v) for v in np.percentile(channel, PERCENTILES))
-        if high <= low:
-            high = low + np.float32(1)
-        out[:, :, c] = np.clip((channel - low) / (high - low), 0.0, 1.0)
+    for c, (low, high) in enumerate(bounds):
+        out[:, :, c] = np.clip((values[:, :, c] - low) / (high - low), 0.0, 1.0)
     return out
 
 
@@ -121,15 +142,18 @@ def _three_channels(values: np.ndarray, mode: str) -> np.ndarray:
     return values
 
 
-def to_model_input(image, contract: Preprocessing) -> torch.Tensor:
+def to_model_input(image, contract: Preprocessing, bounds: np.ndarray | None = None) -> torch.Tensor:
     """An image as stored (numpy ``H×W`` / ``H×W×C`` of any dtype, or a ``C×H×W`` tensor) →
-    float32 ``3×H×W`` tensor in [0, 1], by ``contract``. The one place model input is made."""
+    float32 ``3×H×W`` tensor in [0, 1], by ``contract``. The one place model input is made.
+
+    ``bounds``: ``intensity_bounds`` of the whole image when ``image`` is a region of it (tiled
+    prediction), so every tile gets the whole image's intensity mapping."""
     if isinstance(image, torch.Tensor):
         array = image.numpy() if image.ndim == 2 else image.permute(1, 2, 0).numpy()
     else:
         array = np.asarray(image)
-    values = _three_channels(_scale_intensity(_channels_last(array), contract.intensity), contract.channels)
+    values = _three_channels(_scale_intensity(_channels_last(array), contract.intensity, bounds), contract.channels)
     return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1), dtype=np.float32))
 
 
-__all__ = ["Preprocessing", "INTENSITY_POLICIES", "CHANNEL_MODES", "image_channels", "to_model_input"]
+__all__ = ["Preprocessing", "INTENSITY_POLICIES", "CHANNEL_MODES", "image_channels", "intensity_bounds", "to_model_input"]

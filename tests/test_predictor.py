@@ -1,0 +1,204 @@
+"""The Python API (engine.predictor): README example, inputs, result object, tiled prediction."""
+from __future__ import annotations
+
+import doctest
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import predict
+from engine.predictor import PredictError, Predictor
+from engine.tiling import Tile, merge_tiles, tile_grid
+from transforms.preprocess import Preprocessing, intensity_bounds, to_model_input
+from utils.image_files import ImageReadError
+from utils.instances import Instances
+from utils.masks import BoxMasks, decode_coco_rle, decode_kaggle_rle
+from test_predict import make_checkpoint, synthetic_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pth")
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint) -> Predictor:
+    return Predictor.from_checkpoint(checkpoint, device="cpu", score_thresh=0.1)
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(>>> from engine.predictor import Predictor.*?)```", readme, re.S).group(1)
+    make_checkpoint(tmp_path / "runs" / "demo" / "best.pth")
+    Image.fromarray(synthetic_image(0)).save(tmp_path / "cells.png")
+    monkeypatch.chdir(tmp_path)
+    test = doctest.DocTestParser().get_doctest(block, {}, "README", "README.md", 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    runner.run(test)
+    assert runner.failures == 0 and runner.tries >= 8, capsys.readouterr().out
+
+
+def test_result_forms_agree(tmp_path, predictor):
+    image = synthetic_image(2)
+    result = predictor.predict(image)
+    assert result.name == "image" and len(result) > 0, "the random checkpoint finds instances at 0.1"
+    labels = result.label_image
+    h, w = image.shape
+    assert labels.shape == (h, w) and labels.dtype == np.uint16 and int(labels.max()) == len(result)
+    # Every mask form describes the same pixels: label k == RLE k == Kaggle row k.
+    rles = decode_coco_rle(result.rles, h, w)
+    rows = result.to_kaggle_rows("x")
+    assert len(rows) == len(result) and all(r.startswith("x,") for r in rows)
+    for k in range(len(result)):
+        assert np.array_equal(rles[k].astype(bool), labels == k + 1)
+        assert np.array_equal(decode_kaggle_rle(rows[k][2:], h, w).astype(bool), labels == k + 1)
+    coco = result.to_coco(image_id=7)
+    assert [c["score"] for c in coco] == pytest.approx(result.scores.tolist())
+    assert {c["image_id"] for c in coco} == {7}
+    assert len(result.to_coco(every_detection=True)) >= len(result)
+    assert (np.diff(result.scores) <= 0).all() and (result.scores >= 0.1).all()
+    assert set(result.label_names) <= {"round", "elongated"}
+    assert result.overlay().shape == (h, w, 3) and result.overlay(text=True).shape == (h, w, 3)
+    assert result.view.shape == (h, w, 3) and result.view.dtype == np.uint8
+
+
+def test_inputs_path_array_folder_list_agree(tmp_path, predictor):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    arrays = {"a": synthetic_image(3), "b": synthetic_image(4, 80, 64)}
+    for name, array in arrays.items():
+        Image.fromarray(array).save(folder / f"{name}.png")
+    from_folder = predictor.predict(folder)
+    assert [r.name for r in from_folder] == ["a", "b"]
+    one = predictor.predict(folder / "a.png")
+    assert one.name == "a" and one.path == folder / "a.png"
+    mixed = predictor.predict([folder / "b.png", arrays["a"]])
+    assert [r.name for r in mixed] == ["b", "image1"]
+    assert np.array_equal(mixed[1].label_image, one.label_image)
+    assert np.array_equal(mixed[0].label_image, from_folder[1].label_image)
+    # Batched like unbatched (one image per pass keeps the padding identical: same sizes here).
+    batched = Predictor(predictor.model, predictor.contract, predictor.class_names, score_thresh=0.1, batch_size=2)
+    same = batched.predict([arrays["a"], arrays["a"]])
+    assert all(np.array_equal(r.label_image, one.label_image) for r in same)
+
+
+def test_bad_inputs_are_named(tmp_path, predictor):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
+    with pytest.raises(ImageReadError, match="broken.png"):
+        predictor.predict(tmp_path / "broken.png")
+    with pytest.raises(PredictError, match="missing.png"):
+        predictor.predict(tmp_path / "missing.png")
+    with pytest.raises(PredictError, match="numpy array"):
+        predictor.predict(42)
+    with pytest.raises(PredictError, match="tile-overlap"):
+        Predictor(predictor.model, predictor.contract, [], tile=128, tile_overlap=64)
+    reported = []
+    good = tmp_path / "good.png"
+    Image.fromarray(synthetic_image(1)).save(good)
+    out = list(predictor.predict_paths([tmp_path / "broken.png", good], on_error=reported.append))
+    assert [r.name for r in out] == ["good"] and len(reported) == 1 and "broken.png" in reported[0]
+
+
+# ----------------------------------------------------------------------------- preprocessing by region
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_region_with_whole_image_bounds_converts_like_the_whole_image(dtype):
+    rng = np.random.default_rng(0)
+    image = (rng.gamma(2.0, 300.0, (50, 70, 2))).astype(dtype)
+    contract = Preprocessing("percentile", "rgb")
+    whole = to_model_input(image, contract)
+    bounds = intensity_bounds(image, contract)
+    region = to_model_input(image[10:40, 25:60], contract, bounds)
+    assert torch.equal(region, whole[:, 10:40, 25:60])
+    assert not torch.equal(to_model_input(image[10:40, 25:60], contract), region)   # its own percentiles differ
+    assert intensity_bounds(image.astype(np.uint8), contract) is None
+
+
+# ----------------------------------------------------------------------------- tiling
+
+
+def test_tile_grid_covers_with_overlap():
+    assert len(tile_grid(1000, 1000, 512, 24)) == 4             # 2×2 tiles overlap by exactly 24
+    grid = tile_grid(1000, 1000, 512, 64)                         # 64 needs 3×3
+    assert len(grid) == 9
+    cover = np.zeros((1000, 1000), np.int32)
+    for t in grid:
+        assert t.y1 - t.y0 == 512 and t.x1 - t.x0 == 512
+        cover[t.y0:t.y1, t.x0:t.x1] += 1
+    assert cover.min() >= 1
+    grid = tile_grid(300, 2100, 512, 100)
+    xs = sorted({t.x0 for t in grid})
+    assert xs[0] == 0 and xs[-1] + 512 == 2100 and all(b - a <= 412 for a, b in zip(xs, xs[1:]))
+    assert {(t.y0, t.y1) for t in grid} == {(0, 300)}
+
+
+def disk(height: int, width: int, cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:height, :width]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def tile_instances(tile: Tile, cells: list[tuple[np.ndarray, float, int]], height: int, width: int) -> Instances:
+    """What a perfect model sees in ``tile``: each cell (full-image mask, score, label) cropped to it."""
+    dense = [m[tile.y0:tile.y1, tile.x0:tile.x1] for m, _, _ in cells]
+    keep = [i for i, m in enumerate(dense) if m.any()]
+    masks = BoxMasks.from_dense(np.array([dense[i] for i in keep], np.uint8).reshape(-1, tile.y1 - tile.y0, tile.x1 - tile.x0))
+    return Instances(masks.tight_boxes(), np.array([cells[i][1] for i in keep], np.float32),
+                     np.array([cells[i][2] for i in keep], np.int64), masks)
+
+
+def test_merge_joins_cells_across_seams_and_keeps_neighbours_apart():
+    h, w = 200, 200
+    cells = [(disk(h, w, 100, 104, 12), 0.9, 1),      # on the vertical seam: cut in one tile or the other
+             (disk(h, w, 100, 78, 12), 0.8, 1),       # its touching neighbour, in the overlap
+             (disk(h, w, 100, 100, 60), 0.7, 2),      # larger than the overlap: cut in every tile
+             (disk(h, w, 30, 30, 8), 0.6, 1),         # inside one tile only
+             (disk(h, w, 118, 118, 10), 0.5, 1)]      # the corner of four tiles
+    cells[2] = (cells[2][0] & ~(cells[0][0] | cells[1][0] | cells[4][0]), 0.7, 2)
+    grid = tile_grid(h, w, 128, 56)
+    assert len(grid) == 4
+    parts = [(t, tile_instances(t, cells, h, w)) for t in grid]
+    assert sum(len(p) for _, p in parts) > 12          # without the merge: duplicates and halves
+    merged = merge_tiles(parts, h, w)
+    assert len(merged) == len(cells)
+    dense = merged.masks.to_dense().astype(bool)
+    for mask, score, label in cells:
+        k = int(np.argmax([(d & mask).sum() / (d | mask).sum() for d in dense]))
+        assert np.array_equal(dense[k], mask)
+        assert merged.labels[k] == label and merged.scores[k] == pytest.approx(score)
+
+
+def test_tiled_prediction_with_one_tile_equals_whole_image(predictor):
+    image = synthetic_image(5, 96, 120).astype(np.uint16) * 40 + 1000    # percentile contract path
+    whole = predictor.predict(image)
+    item = predictor._items(image)[0][0]
+    tiled = predictor._predict_tiled(item, image, 256, progress=False)
+    assert tiled.tiles == 1 and len(whole) > 0
+    assert np.array_equal(tiled.label_image, whole.label_image)
+    assert np.array_equal(tiled.view, whole.view)
+
+
+def test_tiled_prediction_end_to_end(tmp_path, checkpoint, capsys):
+    image = np.concatenate([np.concatenate([synthetic_image(i), synthetic_image(i + 1)], axis=1)
+                            for i in (6, 8)], axis=0)                      # 192×240
+    Image.fromarray(image).save(tmp_path / "big.png")
+    out = tmp_path / "out"
+    rc = predict.main(predict.get_args_parser().parse_args(
+        [str(tmp_path / "big.png"), "--checkpoint", str(checkpoint), "--output-dir", str(out), "--score-thresh", "0.1",
+         "--tile", "96", "--tile-overlap", "32", "--batch-size", "2"]))
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "12/12 tiles of big" in err                                  # per-tile progress (3×4 tiles)
+    from utils.writers import read_label_image
+
+    labels = read_label_image(out / "big_labels.png")
+    assert labels.shape == (192, 240) and labels.max() > 0
+    rc = predict.main(predict.get_args_parser().parse_args(
+        [str(tmp_path / "big.png"), "--checkpoint", str(checkpoint), "--tile", "96", "--tile-overlap", "60"]))
+    assert rc == 2 and "--tile-overlap" in capsys.readouterr().err
