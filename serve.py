@@ -110,6 +110,7 @@ def main(args: argparse.Namespace) -> int:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((args.host, args.port))
+            sock.listen(2048)           # connections wait in the backlog until uvicorn accepts them
         except OSError as exc:
             raise PredictError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
                                f"choose another with --port (0: any free port) or --host") from exc

@@ -160,10 +160,10 @@ class InferenceQueue:
             for path, job in by_path.items():
                 if message.startswith(path):           # the predictor names the file by its path
                     reason = message[len(path):].lstrip(": ") or "cannot be read"
-                    self._resolve(job, None, ImageReadError(reason))
-                    done.add(job)
-                    with self._cond:
+                    with self._cond:                   # counted before the client hears of it
                         self.stats.failed += 1
+                    done.add(job)
+                    self._resolve(job, None, ImageReadError(reason))
                     return
 
         predictor = self.predictors[batch[0].tta]
@@ -171,10 +171,10 @@ class InferenceQueue:
             for prediction in predictor.predict_paths([job.path for job in batch], [job.name for job in batch],
                                                       on_error=on_error):
                 job = by_path[str(prediction.path)]
-                self._resolve(job, prediction, None)
-                done.add(job)
                 with self._cond:
                     self.stats.completed += 1
+                done.add(job)
+                self._resolve(job, prediction, None)
         except Exception as exc:                       # answer every waiting request, keep serving
             for job in batch:
                 if job not in done:
