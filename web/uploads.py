@@ -35,7 +35,7 @@ class UploadError(ValueError):
 class Limits:
     """``max_bytes``: largest upload; ``max_pixels``: largest ``height × width``."""
     max_bytes: int = 64 * 1024 ** 2
-    max_pixels: int = 8192 * 8192
+    max_pixels: int = 64_000_000
 
 
 def sniff_image_type(head: bytes) -> str | None:

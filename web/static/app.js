@@ -47,8 +47,9 @@ async function loadInfo() {
   const classes = info.class_names.length ? info.class_names.join(", ") : "unnamed classes";
   $("#model-info").textContent =
     `model ${info.checkpoint || "(checkpoint)"} · classes: ${classes} · device ${info.device}`;
+  const mpx = info.max_pixels / 1e6;
   $("#limits-hint").textContent = `PNG, JPEG or TIFF; 8 or 16 bit; gray, RGB or RGBA; ` +
-    `up to ${formatBytes(info.max_bytes)} and ${(info.max_pixels / 1e6).toFixed(0)} Mpx each`;
+    `up to ${formatBytes(info.max_bytes)} and ${mpx >= 10 ? mpx.toFixed(0) : mpx.toFixed(2)} Mpx each`;
   const slider = $("#score");
   slider.min = info.min_score;
   slider.value = info.default_score;
