@@ -3,12 +3,13 @@
     python predict.py IMG [IMG | DIR | GLOB ...] [--checkpoint PATH] [--output-dir DIR]
                       [--device auto|cpu|cuda] [--batch-size N] [--score-thresh X]
                       [--postprocess FILE] [--tta] [--tile SIZE --tile-overlap PX]
-                      [--formats overlay labels json csv]
+                      [--formats overlay labels json csv table]
 
 Without ``--checkpoint`` the newest ``best.pth`` under ``runs/`` is used (else the newest
 ``last.pth``). Outputs, in ``--output-dir``: ``NAME_overlay.png``, ``NAME_labels.png``
 (16-bit; ``.tif`` above 65535 instances), ``predictions.json`` (COCO results of every
-detection, for evaluate.py) and, with ``--formats csv``, ``submission.csv`` (Kaggle Sartorius).
+detection, for evaluate.py), with ``--formats csv`` ``submission.csv`` (Kaggle Sartorius) and
+with ``--formats table`` ``NAME_instances.csv`` (id, class, score, area, equivalent diameter).
 An image that cannot be read is reported by name; the others are still processed and the
 exit status is 1. Exit status 2: nothing could be done (no checkpoint, no images, bad flag).
 The work is done by ``engine.predictor.Predictor`` (the Python API); this file only parses
@@ -23,7 +24,7 @@ from pathlib import Path
 from engine.predictor import (AUTO_TILE_PIXELS, DEFAULT_TILE, DEFAULT_TILE_OVERLAP, PredictError, Predictor,
                               checkpoint_file, load_postprocess, unique_names)
 
-FORMATS = ("overlay", "labels", "json", "csv")
+FORMATS = ("overlay", "labels", "json", "csv", "table")
 DEFAULT_FORMATS = ("overlay", "labels", "json")
 
 
@@ -87,7 +88,8 @@ def main(args: argparse.Namespace) -> int:
     import cv2
 
     from utils.image_files import expand_inputs
-    from utils.writers import write_label_image, write_png, write_predictions_json, write_submission_csv
+    from utils.writers import (instance_table, write_instance_table, write_label_image, write_png,
+                               write_predictions_json, write_submission_csv)
 
     logging_api = getattr(getattr(cv2, "utils", None), "logging", None)
     if logging_api is not None:          # our message names a corrupt file; silence OpenCV's own
@@ -136,6 +138,9 @@ def main(args: argparse.Namespace) -> int:
             write_png(out_dir / f"{name}_overlay.png", prediction.overlay(text=args.overlay_text))
         if "csv" in formats:
             rows += prediction.to_kaggle_rows()
+        if "table" in formats:
+            write_instance_table(out_dir / f"{name}_instances.csv",
+                                 instance_table(prediction.instances, prediction.class_names))
 
     if "json" in formats:
         write_predictions_json(out_dir / "predictions.json", results)

@@ -26,7 +26,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -157,6 +157,8 @@ def create_app(predictor, *, limits: Limits = Limits(), queue_size: int = 64, ba
                 path.rename(typed)
                 path = typed
                 prediction = await queue.predict(path, output_stem(name), tta)
+            except ClientDisconnect:
+                return error(400, f"{name}: the upload was interrupted")
             except UploadError as exc:
                 return error(exc.status, f"{name}: {exc}")
             except ImageReadError as exc:
