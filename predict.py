@@ -3,14 +3,15 @@
     python predict.py IMG [IMG | DIR | GLOB ...] [--checkpoint PATH [PATH ...]] [--output-dir DIR]
                       [--device auto|cpu|cuda] [--batch-size N] [--score-thresh X]
                       [--postprocess FILE] [--tta] [--tile SIZE --tile-overlap PX]
-                      [--formats overlay labels json csv]
+                      [--formats overlay labels json csv table]
 
 Without ``--checkpoint`` the newest ``best.pth`` under ``runs/`` is used (else the newest
 ``last.pth``). Several checkpoints (``--checkpoint exp/fold*/best.pth``, the fold models of
 tools/cross_validate.py) are ensembled by weighted segments fusion. Outputs, in
 ``--output-dir``: ``NAME_overlay.png``, ``NAME_labels.png`` (16-bit; ``.tif`` above 65535
 instances), ``predictions.json`` (COCO results of every detection, for evaluate.py) and, with
-``--formats csv``, ``submission.csv`` (Kaggle Sartorius).
+``--formats csv`` ``submission.csv`` (Kaggle Sartorius) and with ``--formats table``
+``NAME_instances.csv`` (id, class, score, area, equivalent diameter).
 An image that cannot be read is reported by name; the others are still processed and the
 exit status is 1. Exit status 2: nothing could be done (no checkpoint, no images, bad flag).
 The work is done by ``engine.predictor.Predictor`` (the Python API); this file only parses
@@ -28,12 +29,12 @@ from engine.predictor import (
     DEFAULT_TILE_OVERLAP,
     PredictError,
     Predictor,
-    checkpoint_file,
     load_postprocess,
+    resolve_checkpoint,
     unique_names,
 )
 
-FORMATS = ("overlay", "labels", "json", "csv")
+FORMATS = ("overlay", "labels", "json", "csv", "table")
 DEFAULT_FORMATS = ("overlay", "labels", "json")
 
 
@@ -77,21 +78,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------- set-up
 
 
-def resolve_checkpoint(checkpoint: str | None, runs_dir: str) -> tuple[Path, str]:
-    """The checkpoint file to load and a sentence saying how it was chosen."""
-    from engine.checkpoint import find_latest
-
-    if checkpoint:
-        path = checkpoint_file(checkpoint)
-        return path, f"using checkpoint {path}"
-    for name in ("best.pth", "last.pth"):
-        found = find_latest(runs_dir, name)
-        if found is not None:
-            return found, f"using checkpoint {found} (newest {name} under {runs_dir}/; choose with --checkpoint)"
-    raise PredictError(f"no checkpoint found under {runs_dir}/: train a model first (python train.py) "
-                       f"or pass --checkpoint PATH")
-
-
 # ------------------------------------------------------------------------------- run
 
 
@@ -99,7 +85,14 @@ def main(args: argparse.Namespace) -> int:
     import cv2
 
     from utils.image_files import expand_inputs
-    from utils.writers import write_label_image, write_png, write_predictions_json, write_submission_csv
+    from utils.writers import (
+        instance_table,
+        write_instance_table,
+        write_label_image,
+        write_png,
+        write_predictions_json,
+        write_submission_csv,
+    )
 
     logging_api = getattr(getattr(cv2, "utils", None), "logging", None)
     if logging_api is not None:          # our message names a corrupt file; silence OpenCV's own
@@ -151,6 +144,9 @@ def main(args: argparse.Namespace) -> int:
             write_png(out_dir / f"{name}_overlay.png", prediction.overlay(text=args.overlay_text))
         if "csv" in formats:
             rows += prediction.to_kaggle_rows()
+        if "table" in formats:
+            write_instance_table(out_dir / f"{name}_instances.csv",
+                                 instance_table(prediction.instances, prediction.class_names))
 
     if "json" in formats:
         write_predictions_json(out_dir / "predictions.json", results)

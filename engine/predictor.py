@@ -64,6 +64,21 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def resolve_checkpoint(checkpoint: str | None, runs_dir: str) -> tuple[Path, str]:
+    """The checkpoint file to load and a sentence saying how it was chosen."""
+    from engine.checkpoint import find_latest
+
+    if checkpoint:
+        path = checkpoint_file(checkpoint)
+        return path, f"using checkpoint {path}"
+    for name in ("best.pth", "last.pth"):
+        found = find_latest(runs_dir, name)
+        if found is not None:
+            return found, f"using checkpoint {found} (newest {name} under {runs_dir}/; choose with --checkpoint)"
+    raise PredictError(f"no checkpoint found under {runs_dir}/: train a model first (python train.py) "
+                       f"or pass --checkpoint PATH")
+
+
 def load_postprocess(spec: str | os.PathLike | dict) -> Callable[[list[dict], int, int], list[dict]]:
     """Post-processing parameters (a JSON file written by ``evaluate.py --search``, or its dict)
     → function(results_of_one_image, height, width) → results."""

@@ -49,25 +49,28 @@ def instance_colours(count: int) -> np.ndarray:
 
 
 def render_overlay(image: np.ndarray, labels: np.ndarray, instances: Instances | None = None,
-                   class_names: list[str] | None = None, alpha: float = 0.4) -> np.ndarray:
-    """Image with instance ``k`` of ``labels`` (``H×W``, 0 background) tinted and outlined in its
-    own colour → ``H×W×3`` uint8 RGB. With ``instances`` (in label order), each instance also
-    gets ``"class score"`` written at its box corner."""
+                   class_names: list[str] | None = None, alpha: float = 0.4, fill: bool = True,
+                   outline: bool = True) -> np.ndarray:
+    """Image with instance ``k`` of ``labels`` (``H×W``, 0 background) tinted (``fill``) and
+    outlined (``outline``) in its own colour → ``H×W×3`` uint8 RGB. With ``instances`` (in label
+    order), each instance also gets ``"class score"`` written at its box corner."""
     out = display_image(image).astype(np.float32)
     count = int(labels.max()) if labels.size else 0
-    if count:
+    if count and (fill or outline):
         lut = np.zeros((count + 1, 3), dtype=np.float32)
         lut[1:] = instance_colours(count)
         fg = labels > 0
-        out[fg] = (1 - alpha) * out[fg] + alpha * lut[labels[fg]]
-        # Outline: pixels whose 4-neighbour belongs to another label (or background).
-        edge = np.zeros(labels.shape, dtype=bool)
-        edge[1:] |= labels[1:] != labels[:-1]
-        edge[:-1] |= labels[:-1] != labels[1:]
-        edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-        edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-        edge &= fg
-        out[edge] = lut[labels[edge]]
+        if fill:
+            out[fg] = (1 - alpha) * out[fg] + alpha * lut[labels[fg]]
+        if outline:
+            # Outline: pixels whose 4-neighbour belongs to another label (or background).
+            edge = np.zeros(labels.shape, dtype=bool)
+            edge[1:] |= labels[1:] != labels[:-1]
+            edge[:-1] |= labels[:-1] != labels[1:]
+            edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+            edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+            edge &= fg
+            out[edge] = lut[labels[edge]]
     out = np.clip(out, 0, 255).astype(np.uint8)
     if instances is not None and len(instances):
         colours = instance_colours(len(instances))
@@ -79,15 +82,21 @@ def render_overlay(image: np.ndarray, labels: np.ndarray, instances: Instances |
     return out
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """``H×W`` (uint8/uint16) or ``H×W×3`` RGB uint8 array → PNG, atomically."""
+def encode_png(image: np.ndarray, what: str = "image") -> bytes:
+    """``H×W`` (uint8/uint16) or ``H×W×3`` RGB uint8 array → PNG bytes (``what`` names it in errors)."""
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     ok, data = cv2.imencode(".png", image)
     if not ok:
-        raise OSError(f"could not encode {path} as PNG")
+        raise OSError(f"could not encode {what} as PNG")
+    return data.tobytes()
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """``H×W`` (uint8/uint16) or ``H×W×3`` RGB uint8 array → PNG, atomically."""
+    data = encode_png(image, str(path))
     with atomic_path(path) as tmp:
-        tmp.write_bytes(data.tobytes())
+        tmp.write_bytes(data)
 
 
 def write_label_image(path_without_suffix: str | os.PathLike, labels: np.ndarray) -> Path:
@@ -118,6 +127,35 @@ def submission_rows(image_id: str, instances: Instances) -> list[str]:
 
 def write_submission_csv(path: str | os.PathLike, rows: list[str]) -> None:
     write_text_atomic(path, "id,predicted\n" + "".join(row + "\n" for row in rows))
+
+
+INSTANCE_TABLE_COLUMNS = ("id", "class", "score", "area_px", "equivalent_diameter_px")
+
+
+def instance_table(instances: Instances, class_names: list[str] | None = None) -> list[dict]:
+    """One row per instance (in label-image order, so ``id`` is the instance's label value):
+    ``class`` name, ``score``, ``area_px`` (mask pixels) and ``equivalent_diameter_px``
+    (the diameter of a disc of that area, √(4·area/π))."""
+    areas = instances.masks.areas()
+    rows = []
+    for k, (label, score, area) in enumerate(zip(instances.labels.tolist(), instances.scores.tolist(),
+                                                 areas.tolist()), start=1):
+        name = class_names[label - 1] if class_names and 0 < label <= len(class_names) else str(label)
+        rows.append({"id": k, "class": name, "score": round(float(score), 4), "area_px": int(area),
+                     "equivalent_diameter_px": round(float(np.sqrt(4.0 * area / np.pi)), 2)})
+    return rows
+
+
+def write_instance_table(path: str | os.PathLike, rows: list[dict]) -> None:
+    """``instance_table`` rows → CSV with a header (class names quoted where CSV needs it)."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=INSTANCE_TABLE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 def write_predictions_json(path: str | os.PathLike, results: list[dict]) -> None:
