@@ -208,7 +208,7 @@ def test_tiled_prediction_end_to_end(tmp_path, checkpoint, capsys):
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "12/12 tiles of big" in err                                  # per-tile progress (3×4 tiles)
-    from utils.writers import read_label_image
+    from datasets.imageio import read_label_image
 
     labels = read_label_image(out / "big_labels.png")
     assert labels.shape == (192, 240) and labels.max() > 0

@@ -21,11 +21,11 @@ from PIL import Image
 
 import predict
 import train
+from datasets.imageio import read_label_image
 from datasets.synthetic import SyntheticSpec, render_image
 from engine.predictor import Predictor
 from tests.helpers import tiny_args
 from utils.kaggle_rle import decode_kaggle_rle
-from utils.writers import read_label_image
 from web.app import create_app
 from web.testing import LiveServer, chromium_driver, wait_for_download
 from web.uploads import Limits
