@@ -18,6 +18,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -450,10 +451,20 @@ def run_cli(argv: list[str] | None = None) -> int:
     """Parse, run, and turn expected failures into one clear line and an exit status."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    try:
+    def train_once() -> int:
         main(args, PROCESS_START)
         return 0
-    except (ConfigError, WeightsError, CheckpointError) as exc:
+    return run_guarded(parser, train_once, lambda path: f"resume with --resume {path}")
+
+
+def run_guarded(parser: argparse.ArgumentParser, call: Callable[[], int | None], resume_hint: Callable[[Path], str],
+                bad_input: tuple[type[Exception], ...] = ()) -> int:
+    """``call()`` → its exit status (0 for None), expected failures → one clear line and a status:
+    2 bad flags or data (also ``bad_input``), 3 training diverged, 4 an output could not be written,
+    128+N stopped by signal N with a checkpoint (``resume_hint`` says how to continue)."""
+    try:
+        return call() or 0
+    except (ConfigError, WeightsError, CheckpointError, *bad_input) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     except ValueError as exc:  # bad data (datasets raise ValueError subclasses naming the file/row)
         if os.environ.get("MRCNN_TRACEBACK"):
@@ -463,7 +474,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         parser.exit(4, f"{parser.prog}: error: {exc}\n")
     except TrainingInterrupted as exc:
-        log.warning("interrupted: checkpoint %s written; resume with --resume %s", exc.checkpoint, exc.checkpoint)
+        log.warning("interrupted: checkpoint %s written; %s", exc.checkpoint, resume_hint(exc.checkpoint))
         return 128 + exc.signum
     except TrainingDiverged as exc:
         log.error("%s", exc)

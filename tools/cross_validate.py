@@ -52,15 +52,13 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 from engine import distributed  # noqa: E402
-from engine.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.config import ConfigError, TrainConfig  # noqa: E402
 from engine.evaluation import evaluate_checkpoint, headline  # noqa: E402
 from engine.logging import setup_logging  # noqa: E402
-from engine.trainer import TrainingDiverged, TrainingInterrupted  # noqa: E402
 from metrics.crossval import cv_report, format_cv_report, merge_folds  # noqa: E402
 from metrics.postprocess import format_search_table, search_postprocess  # noqa: E402
 from metrics.validation import InvalidInputError  # noqa: E402
-from models import WeightsError  # noqa: E402
 from utils.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("trainer")
@@ -299,28 +297,13 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def run_cli(argv: list[str] | None = None) -> int:
-    """Parse, run, and turn expected failures into one clear line and an exit status."""
+    """Parse, run, and turn expected failures into one clear line and an exit status (train.py's)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    try:
-        return main(args, argv)
-    except (ConfigError, WeightsError, CheckpointError, InvalidInputError) as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    except ValueError as exc:  # bad data: the datasets' messages name the file/row
-        if os.environ.get("MRCNN_TRACEBACK"):
-            raise
-        parser.exit(2, f"{parser.prog}: error: {exc}\n(set MRCNN_TRACEBACK=1 to see the traceback)\n")
-    except TrainingInterrupted as exc:
-        log.warning("interrupted: checkpoint %s written; rerun the same command (same --name) to resume this fold",
-                    exc.checkpoint)
-        return 128 + exc.signum
-    except TrainingDiverged as exc:
-        log.error("%s", exc)
-        return 3
-    finally:
-        distributed.shutdown()
-    return 1
+    return train.run_guarded(parser, lambda: main(args, argv),
+                             lambda path: "rerun the same command (same --name) to resume this fold",
+                             bad_input=(InvalidInputError,))
 
 
 if __name__ == "__main__":
