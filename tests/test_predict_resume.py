@@ -84,6 +84,11 @@ def test_failure_mid_image_then_skip_existing(tmp_path, checkpoint, images, unin
     assert len(after) == 8
     assert outputs(out) == outputs(uninterrupted)
 
+    assert run([str(images), "--checkpoint", str(checkpoint), "--output-dir", str(out), *FORMATS,
+                "--skip-existing"]) == 0                     # nothing left to do
+    assert "8 of 8 image(s) already done" in capsys.readouterr().err
+    assert done_records(out) == after and outputs(out) == outputs(uninterrupted)
+
 
 def test_other_formats_or_source_are_not_done(tmp_path, checkpoint, images, capsys):
     """A record made with fewer formats, or for another image of the same name, does not count."""
