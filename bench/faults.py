@@ -46,13 +46,43 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from engine.checkpoint import CheckpointError, load_checkpoint, load_for_resume  # noqa: E402
-from tests.helpers import tiny_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 # 4 images, batches of 2: 2 iterations an epoch, 3 epochs.
 EXACT = ("--deterministic", "--eval-every", "0", "--synthetic-train-images", "4", "--epochs", "3", "-j", "2")
-ITERATIONS = 6
+# The tiny run of tests/helpers.py (TINY + SGD; bench/ may not import tests/).
+TINY_RUN = ["--model", "maskrcnn_resnet18_fpn", "--min-size", "96", "--max-size", "96", "-b", "2", "-j", "0",
+            "--print-freq", "1", "--warmup-iters", "2", "--min-epoch-iters", "1", "--detections-per-img", "50",
+            "--rpn-pre-nms-top-n-test", "200", "--rpn-post-nms-top-n-test", "200", "--rpn-pre-nms-top-n-train", "200",
+            "--rpn-post-nms-top-n-train", "200", "--opt", "sgd", "--lr", "0.01", "--wd", "1e-4"]
+TINY_DATA = ["--dataset", "synthetic", "--synthetic-size", "96", "--synthetic-train-images", "4",
+             "--synthetic-val-images", "2"]
+
+
+def tiny_args(out: Path, *extra: str, synthetic: bool = True) -> list[str]:
+    return [*(TINY_DATA if synthetic else []), *TINY_RUN, "--output-dir", str(out / "runs"), *extra]
+
+
+def synthetic_images(folder: Path, count: int, size: int = 64, masks: bool = False) -> list[Path]:
+    """``count`` synthetic cell images (``folder/images`` + label images in ``folder/masks`` with
+    ``masks``, else straight in ``folder``)."""
+    import cv2
+
+    from datasets.synthetic import SyntheticSpec, render_image
+
+    spec = SyntheticSpec(height=size, width=size, split="val", dense_every=0)
+    image_dir = folder / "images" if masks else folder
+    image_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(count):
+        image, labels, _ = render_image(spec, k + random.randrange(1000))
+        paths.append(image_dir / f"img_{k:02d}.png")
+        cv2.imwrite(str(paths[-1]), image)
+        if masks:
+            (folder / "masks").mkdir(exist_ok=True)
+            cv2.imwrite(str(folder / "masks" / f"img_{k:02d}.png"), labels.astype("uint16"))
+    return paths
 
 
 def start(argv: list[str], faults: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -216,11 +246,10 @@ def refused_trial(work: Path, reference: Path, tally: Tally, code: str, reason: 
 
 
 def bad_samples_trial(work: Path, tally: Tally) -> None:
-    from tests.fixtures.data_writers import write_label_folder
-
-    write_label_folder(str(work / "train"), 4, seed=random.randrange(1000))
-    write_label_folder(str(work / "val"), 2, seed=1)
-    bad = work / "train" / "images" / f"img_0{random.randrange(4)}.png"
+    # Not the first image: the channel count is read from it before training (a clear error
+    # even with --skip-bad, outside the workers).
+    bad = random.choice(synthetic_images(work / "train", 4, masks=True)[1:])
+    synthetic_images(work / "val", 2, masks=True)
     bad.write_bytes(bad.read_bytes()[:random.randrange(60, 400)])
     out = work / "run"
     run_dir = out / "runs" / "run"
@@ -237,7 +266,7 @@ def bad_samples_trial(work: Path, tally: Tally) -> None:
     log = (run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""
     metrics = (run_dir / "metrics.jsonl").read_text() if (run_dir / "metrics.jsonl").exists() else ""
     counted = str(bad) in log and "1 bad sample(s)/annotation(s) skipped" in log and '"bad_samples": 1' in metrics
-    tally.add(clean, valid, False, not counted)
+    tally.add(clean, valid, False, not counted, "" if clean else (proc.stdout + proc.stderr)[-600:])
 
 
 def predict_trial(work: Path, checkpoint: Path, images: Path, reference: Path, tally: Tally) -> None:
@@ -308,14 +337,8 @@ def main() -> int:
         trials("bad", Tally("bad sample in a worker (--skip-bad)", exact=False), args.trials,
                lambda w: bad_samples_trial(w, tallies[-1]))
         if "predict" in keys:
-            from PIL import Image
-
-            from datasets.synthetic import SyntheticSpec, render_image
             images = root / "images"
-            images.mkdir(parents=True, exist_ok=True)
-            for k in range(12):
-                Image.fromarray(render_image(SyntheticSpec(height=64, width=64, split="val", dense_every=0), k)[0]) \
-                    .save(images / f"img{k:02d}.png")
+            synthetic_images(images, 12)
             pred_ref = root / "pred-reference"
             subprocess.run([sys.executable, "predict.py", str(images), "--checkpoint", str(reference), "--output-dir",
                             str(pred_ref), "--formats", "overlay", "labels", "json", "csv", "table", "--quiet",
