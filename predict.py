@@ -3,7 +3,7 @@
     python predict.py IMG [IMG | DIR | GLOB ...] [--checkpoint PATH [PATH ...]] [--output-dir DIR]
                       [--device auto|cpu|cuda] [--batch-size N] [--score-thresh X]
                       [--postprocess FILE] [--tta] [--tile SIZE --tile-overlap PX]
-                      [--formats overlay labels json csv table]
+                      [--formats overlay labels json csv table] [--skip-existing]
 
 Without ``--checkpoint`` the newest ``best.pth`` under ``runs/`` is used (else the newest
 ``last.pth``). Several checkpoints (``--checkpoint exp/fold*/best.pth``, the fold models of
@@ -12,6 +12,10 @@ tools/cross_validate.py) are ensembled by weighted segments fusion. Outputs, in
 instances), ``predictions.json`` (COCO results of every detection, for evaluate.py) and, with
 ``--formats csv`` ``submission.csv`` (Kaggle Sartorius) and with ``--formats table``
 ``NAME_instances.csv`` (id, class, score, area, equivalent diameter).
+Each image done also gets a record in ``--output-dir/.records/`` (written after its outputs);
+``--skip-existing`` keeps the images whose record is complete and predicts only the others,
+so a run interrupted at any moment and started again finishes the folder with the same
+``predictions.json`` / ``submission.csv`` as an uninterrupted run.
 An image that cannot be read is reported by name; the others are still processed and the
 exit status is 1. Exit status 2: nothing could be done (no checkpoint, no images, bad flag).
 The work is done by ``engine.predictor.Predictor`` (the Python API); this file only parses
@@ -71,6 +75,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              f"{AUTO_TILE_PIXELS // 1024 ** 2} Mpx; 0: never tile)")
     parser.add_argument("--tile-overlap", type=int, default=DEFAULT_TILE_OVERLAP, metavar="PX",
                         help="overlap of neighbouring tiles; more than the largest object's diameter")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="keep the images already done in --output-dir (by an interrupted run) and predict "
+                             "only the others; the aggregate files still cover every image")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -85,8 +92,11 @@ def main(args: argparse.Namespace) -> int:
     import cv2
 
     from utils.image_files import expand_inputs
+    from utils.io import remove_stale_temp_files
     from utils.writers import (
         instance_table,
+        load_image_record,
+        write_image_record,
         write_instance_table,
         write_label_image,
         write_png,
@@ -130,30 +140,50 @@ def main(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: list[dict] = []
-    rows: list[str] = []
-    total_instances = 0
-    for prediction in predictor.predict_paths(paths, unique_names(paths), on_error=report, progress=not args.quiet):
+    names = unique_names(paths)
+    records: dict[str, dict] = {}           # name → its record (utils.writers.write_image_record)
+    if args.skip_existing:
+        remove_stale_temp_files(out_dir)     # of a run killed mid-write
+        for path, name in zip(paths, names):
+            record = load_image_record(out_dir, name, path, args.formats)
+            if record is not None:
+                records[name] = record
+        if records:
+            print(f"--skip-existing: {len(records)} of {len(paths)} image(s) already done in {out_dir}/",
+                  file=sys.stderr)
+    todo = [(path, name) for path, name in zip(paths, names) if name not in records]
+    sources = dict((name, path) for path, name in todo)
+    predicted = 0
+    for prediction in predictor.predict_paths([p for p, _ in todo], [n for _, n in todo], on_error=report,
+                                              progress=not args.quiet):
         name = prediction.name
-        if "json" in formats:
-            results += prediction.to_coco(every_detection=True)
-        total_instances += len(prediction)
+        files = []
         if "labels" in formats:
-            write_label_image(out_dir / f"{name}_labels", prediction.label_image)
+            files.append(write_label_image(out_dir / f"{name}_labels", prediction.label_image).name)
         if "overlay" in formats:             # drawn on what the model saw
             write_png(out_dir / f"{name}_overlay.png", prediction.overlay(text=args.overlay_text))
-        if "csv" in formats:
-            rows += prediction.to_kaggle_rows()
+            files.append(f"{name}_overlay.png")
         if "table" in formats:
             write_instance_table(out_dir / f"{name}_instances.csv",
                                  instance_table(prediction.instances, prediction.class_names))
+            files.append(f"{name}_instances.csv")
+        coco = prediction.to_coco(every_detection=True) if "json" in formats else None
+        rows = prediction.to_kaggle_rows() if "csv" in formats else None
+        write_image_record(out_dir, name, sources[name], args.formats, files, len(prediction), coco, rows)
+        records[name] = {"instances": len(prediction), "coco": coco, "rows": rows}
+        predicted += 1
 
+    # The aggregates, in input order, from every done image's record: a resumed run writes the same.
+    done_names = [name for name in names if name in records]
     if "json" in formats:
-        write_predictions_json(out_dir / "predictions.json", results)
+        write_predictions_json(out_dir / "predictions.json",
+                               [entry for name in done_names for entry in records[name]["coco"]])
     if "csv" in formats:
-        write_submission_csv(out_dir / "submission.csv", rows)
-    done = len(paths) - sum(1 for f in failures if f not in problems)
-    print(f"{done} image(s), {total_instances} instance(s) → {out_dir}/", file=sys.stderr)
+        write_submission_csv(out_dir / "submission.csv", [row for name in done_names for row in records[name]["rows"]])
+    total_instances = sum(records[name].get("instances", 0) for name in done_names)
+    skipped = len(done_names) - predicted
+    print(f"{len(done_names)} image(s){f' ({skipped} done before)' if skipped else ''}, {total_instances} instance(s) "
+          f"→ {out_dir}/", file=sys.stderr)
     if failures:
         print(f"{len(failures)} input(s) failed:", file=sys.stderr)
         for failure in failures:

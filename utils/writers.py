@@ -161,3 +161,48 @@ def write_instance_table(path: str | os.PathLike, rows: list[dict]) -> None:
 def write_predictions_json(path: str | os.PathLike, results: list[dict]) -> None:
     """COCO results list (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, RLE)."""
     write_json_atomic(path, results, indent=None)
+
+
+# ------------------------------------------------------------------------ per-image records
+
+RECORDS_DIR = ".records"
+
+
+def image_record_path(out_dir: str | os.PathLike, name: str) -> Path:
+    return Path(out_dir) / RECORDS_DIR / f"{name}.json"
+
+
+def write_image_record(out_dir: str | os.PathLike, name: str, source: str | os.PathLike, formats: list[str],
+                       files: list[str], instances: int, coco: list[dict] | None, rows: list[str] | None) -> None:
+    """Mark image ``name`` done: written last, atomically, after every one of its own outputs.
+
+    "Done" for ``predict.py --skip-existing`` means: this record exists and parses, names the same
+    source image, covers the formats asked for, and every file it lists exists. Since each output
+    is written atomically and the record only after all of them, a run killed at any moment
+    leaves an image either done (all its outputs complete) or not done (it is predicted again).
+    The record also keeps the image's share of the aggregates (its COCO results for
+    ``predictions.json``, its rows for ``submission.csv``), so a resumed run rebuilds those files
+    from the records in input order, identical to an uninterrupted run's.
+    """
+    write_json_atomic(image_record_path(out_dir, name),
+                      {"source": str(Path(source).absolute()), "formats": sorted(formats), "files": files,
+                       "instances": instances, "coco": coco, "rows": rows}, indent=None)
+
+
+def load_image_record(out_dir: str | os.PathLike, name: str, source: str | os.PathLike,
+                      formats: list[str]) -> dict | None:
+    """The record of a done image (see ``write_image_record``), or ``None`` when it must be predicted."""
+    import json
+
+    path = image_record_path(out_dir, name)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("source") != str(Path(source).absolute()):
+        return None
+    if not set(formats) <= set(record.get("formats", [])):
+        return None
+    if not all((Path(out_dir) / f).is_file() for f in record.get("files", [])):
+        return None
+    return record
