@@ -89,11 +89,8 @@ def load_postprocess(spec: str | os.PathLike | dict) -> Callable[[list[dict], in
             params = json.loads(Path(spec).read_text())
         except (OSError, ValueError) as exc:
             raise PredictError(f"--postprocess {spec}: cannot read JSON ({exc})") from exc
-    try:
-        from metrics.postprocess import apply_postprocess
-    except ImportError as exc:
-        raise PredictError("--postprocess needs metrics.postprocess (evaluate.py's post-processing), "
-                           f"which this installation lacks ({exc})") from exc
+    from metrics.postprocess import apply_postprocess
+
     return lambda results, height, width: apply_postprocess(results, params, height, width)
 
 
