@@ -37,3 +37,62 @@ def test_offline_weight_names_explain_what_to_do(monkeypatch):
         build_model("maskrcnn_resnet18_fpn", 2, weights="DEFAULT")
     with pytest.raises(WeightsError, match="not found"):
         build_model("maskrcnn_resnet18_fpn", 2, weights="/nowhere/w.pth")
+
+
+def _dense_targets(generator: torch.Generator, size: int, count: int) -> dict:
+    """``count`` random overlapping discs on a ``size²`` canvas, as a training target."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    centres = torch.randint(8, size - 8, (count, 2), generator=generator)
+    radii = torch.randint(3, 9, (count,), generator=generator)
+    masks = ((yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2
+             <= radii[:, None, None] ** 2).to(torch.uint8)
+    ys, xs = masks.any(2), masks.any(1)
+    boxes = torch.stack([xs.float().argmax(1), ys.float().argmax(1),
+                         size - xs.flip(1).float().argmax(1), size - ys.flip(1).float().argmax(1)], 1).float()
+    return {"boxes": boxes, "labels": torch.randint(1, 3, (count,), generator=generator), "masks": masks}
+
+
+def test_mask_targets_from_matched_instances_equal_torchvisions(monkeypatch):
+    """The trainer's RoIHeads hand only the matched instances' masks to the mask loss; the 28×28
+    targets and every loss stay bit for bit those of torchvision's RoIHeads on dense images."""
+    import copy
+
+    import torchvision.models.detection.roi_heads as tv_heads
+
+    from models.roi_heads import MatchedMaskRoIHeads
+
+    generator = torch.Generator().manual_seed(3)
+    images = [torch.rand(3, 96, 96, generator=generator) for _ in range(3)]
+    targets = [_dense_targets(generator, 96, 60), _dense_targets(generator, 96, 25),
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                "masks": torch.zeros(0, 96, 96, dtype=torch.uint8)}]
+    model = build_model("maskrcnn_resnet18_fpn", 2, ModelOptions(input_scale=1.0, anchor_sizes=(8, 16, 32, 64, 128),
+                                                                 box_batch_size_per_image=64))
+    assert type(model.roi_heads) is MatchedMaskRoIHeads
+    reference = copy.deepcopy(model)
+    reference.roi_heads.__class__ = tv_heads.RoIHeads
+
+    seen: dict[str, list] = {"ours": [], "torchvision": []}
+    original = tv_heads.project_masks_on_boxes
+
+    def recording(gt_masks, boxes, matched_idxs, size):
+        out = original(gt_masks, boxes, matched_idxs, size)
+        seen[current].append((len(gt_masks), out))
+        return out
+
+    monkeypatch.setattr(tv_heads, "project_masks_on_boxes", recording)
+    losses = {}
+    for current, net in (("ours", model), ("torchvision", reference)):
+        net.train()
+        torch.manual_seed(0)
+        losses[current] = net(images, [dict(t) for t in targets])
+    for key, value in losses["torchvision"].items():
+        assert torch.equal(losses["ours"][key], value), key
+    assert len(seen["ours"]) == len(seen["torchvision"]) == 3
+    for (ours_n, ours), (tv_n, tv) in zip(seen["ours"], seen["torchvision"]):
+        assert torch.equal(ours, tv)
+        assert ours.shape[0] == 0 or ours.amax() > 0.5      # real targets, not empty ones
+        assert ours_n <= min(tv_n, ours.shape[0])           # only matched instances reach the float copy
+    assert seen["ours"][0][0] < seen["torchvision"][0][0]   # and that is fewer than all of them
+    # The caller's targets are not touched.
+    assert targets[0]["masks"].shape[0] == 60
