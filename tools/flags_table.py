@@ -28,7 +28,7 @@ def flags_table() -> str:
                 default = ",".join(map(str, default))
             shown = "–" if default in (None, "") else f"`{default}`"
             flags = ", ".join(f"`{o}`" for o in action.option_strings)
-            lines.append(f"| {flags} | {shown} | {(action.help or '').replace('|', '/')} |")
+            lines.append(f"| {flags} | {shown} | {(action.help or '').replace('%%', '%').replace('|', '/')} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
