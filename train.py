@@ -31,7 +31,7 @@ from engine.budget import format_duration, parse_duration  # noqa: E402
 from engine.checkpoint import CheckpointError, find_latest, load_for_resume  # noqa: E402
 from engine.config import BEST_METRICS, ConfigError, TrainConfig, resolve_config  # noqa: E402
 from engine.data import TrainBatchSampler, aspect_ratio_groups, eval_loader, train_loader  # noqa: E402
-from engine.evaluation import headline  # noqa: E402
+from engine.evaluation import Validation, headline  # noqa: E402
 from engine.logging import setup_logging  # noqa: E402
 from engine.optim import build_lr_scheduler, build_optimizer, plan_schedule  # noqa: E402
 from engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted  # noqa: E402
@@ -421,8 +421,14 @@ def main(args: argparse.Namespace, started: float | None = None) -> dict:
         log.info("time budget %s: %s used before the first step", format_duration(config.max_time),
                  format_duration(time.time() - started))
 
-    trainer = Trainer(config, model, model_without_ddp, optimizer, lr_scheduler, scaler, loader, batch_sampler,
-                      val, val_set.coco_gt(), class_names, device, dist_info, run_dir, schedule, deadline)
+    validation = Validation(model_without_ddp, val, val_set.coco_gt(), device, config.detections_per_img, config.amp,
+                            config.sartorius_score_thresh, class_names, dist_info=dist_info,
+                            predictions_path=run_dir / "predictions.json" if config.test_only else None)
+    trainer = Trainer(config, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                      lr_scheduler=lr_scheduler, scaler=scaler, schedule=schedule, class_names=class_names,
+                      train_loader=loader, batch_sampler=batch_sampler,
+                      evaluate_fn=validation, eval_seconds=validation.estimate_seconds,
+                      device=device, dist_info=dist_info, run_dir=run_dir, deadline=deadline)
     if state is not None:
         warn_config_changes(state.get("config", {}), config)
         trainer.load_state_dict(state)
@@ -432,7 +438,7 @@ def main(args: argparse.Namespace, started: float | None = None) -> dict:
     if config.test_only:
         if resume_from is None and not config.weights:
             raise ConfigError("--test-only needs a model to evaluate: pass --resume PATH or --weights")
-        report = trainer.evaluate(trainer.start_epoch, save_predictions=True)
+        report = trainer.evaluate(trainer.start_epoch)
     else:
         started = time.time()
         report = trainer.train()

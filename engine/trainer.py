@@ -20,7 +20,7 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from engine.budget import StepTimer, budget_total_iters, format_duration
 from engine.checkpoint import CheckpointError, save_checkpoint
 from engine.config import TrainConfig
 from engine.data import STOP_SIGNALS
-from engine.evaluation import autocast_context, evaluate_model, headline, time_one_evaluation
+from engine.evaluation import autocast_context, headline
 from engine.logging import MetricLogger, MetricsWriter, plot_metrics
 from engine.optim import Schedule, plan_schedule
 from utils.io import OutputError, remove_pending_temp_files, write_json_atomic
@@ -91,16 +91,35 @@ def drop_degenerate_instances(target: dict) -> tuple[dict, int]:
 
 
 class Trainer:
-    """One model, one optimizer, one data source. ``after_step`` hooks get ``(trainer, epoch, batches_done)``.
+    """One model, one optimizer, one data source; evaluation is the caller's ``evaluate_fn``.
 
     The run is ``schedule.total_iters`` iterations long (the last epoch may be partial); with a
     ``deadline`` (``--max-time``) that number is fixed after the first measured steps.
+
+    Arguments are keyword-only, by job:
+
+    - what is trained and checkpointed: ``model`` (DDP-wrapped under torchrun), its
+      ``model_without_ddp``, ``optimizer``, ``lr_scheduler``, AMP ``scaler``, the LR ``schedule``
+      (``engine.optim``), and ``class_names`` (the checkpoint records them for inference);
+    - the data: ``train_loader`` over ``batch_sampler`` (``engine.data``, resumable by epoch);
+    - evaluation (Detectron2's EvalHook shape): ``evaluate_fn(epoch) -> report`` evaluates the
+      model after ``epoch`` epochs (the report of ``metrics.evaluate_predictions``, the same on
+      every rank), ``eval_seconds()`` estimates one call's seconds on this rank for ``--max-time``
+      (``engine.evaluation.Validation`` provides both);
+    - where: ``device``, ``dist_info`` (``engine.distributed``), ``run_dir`` (checkpoints,
+      ``metrics.jsonl``, ``eval_report.json``), and ``deadline`` (``time.time()`` by which the
+      run must end, or None);
+    - ``after_step``: hooks called as ``hook(trainer, epoch, batches_done)`` after every step
+      (all ranks), before the stop check, so a hook may ``request_stop()`` at a chosen position.
     """
 
-    def __init__(self, config: TrainConfig, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
-                 optimizer, lr_scheduler, scaler, train_loader, batch_sampler, val_loader, val_gt: dict,
-                 class_names: list[str], device: torch.device, dist_info: distributed.DistInfo, run_dir: Path,
-                 schedule: Schedule, deadline: float | None = None, after_step: list[Callable] | None = None):
+    def __init__(self, config: TrainConfig, *,
+                 model: torch.nn.Module, model_without_ddp: torch.nn.Module, optimizer, lr_scheduler, scaler,
+                 schedule: Schedule, class_names: list[str],
+                 train_loader, batch_sampler,
+                 evaluate_fn: Callable[[int], dict], eval_seconds: Callable[[], float],
+                 device: torch.device, dist_info: distributed.DistInfo, run_dir: Path, deadline: float | None = None,
+                 after_step: Iterable[Callable[[Trainer, int, int], None]] = ()):
         self.config = config
         self.schedule = schedule
         self.deadline = deadline
@@ -115,13 +134,13 @@ class Trainer:
         self.scaler = scaler
         self.train_loader = train_loader
         self.batch_sampler = batch_sampler
-        self.val_loader = val_loader
-        self.val_gt = val_gt
+        self.evaluate_fn = evaluate_fn
+        self.eval_seconds = eval_seconds
         self.class_names = class_names
         self.device = device
         self.dist = dist_info
         self.run_dir = run_dir
-        self.after_step = list(after_step or [])
+        self.after_step = list(after_step)
         self.writer = MetricsWriter(run_dir, enabled=dist_info.is_main)
         self.start_epoch = 0
         self.start_iteration = 0
@@ -133,6 +152,7 @@ class Trainer:
         self._consecutive_nonfinite = 0
         self._stop_signal: int | None = None
         self._stop_time = 0.0
+        self._eval_estimate: float | None = None
         self.bad_samples: dict[str, int] = {}   # message naming a skipped sample/annotation → times skipped
         self._pending_bad: list[str] = []
 
@@ -433,21 +453,13 @@ class Trainer:
                         self.schedule.describe(self.config.lr))
 
     def _estimate_eval_seconds(self) -> float:
-        """Seconds the final evaluation will take: one validation image loaded, predicted and
-        scored here (twice: the first call pays one-off start-up costs), times this rank's
-        share of the validation set, with room for the loader start-up and the merge."""
-        if getattr(self, "_eval_estimate", None) is None:
-            dataset = self.val_loader.dataset
-            n = math.ceil(len(dataset) / self.dist.world_size)
-            if n == 0:
-                self._eval_estimate = 0.0
-                return 0.0
+        """Seconds one evaluation will take (rank 0's estimate, so every rank plans alike), measured
+        once, outside the training RNG streams."""
+        if self._eval_estimate is None:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                per_image = min(time_one_evaluation(self.model_without_ddp, dataset, self.val_gt, self.device,
-                                                    self.config.detections_per_img, self.config.amp)
-                                for _ in range(2))
+                seconds = self.eval_seconds()
             self.model.train()
-            self._eval_estimate = distributed.broadcast_object(n * per_image * 1.5 + 5.0)
+            self._eval_estimate = distributed.broadcast_object(seconds)
         return self._eval_estimate
 
     def _report_bad_samples(self) -> None:
@@ -490,13 +502,12 @@ class Trainer:
                 f"(check it with tools/check_dataset.py). The last good checkpoint is {self.run_dir / 'last.pth'}.")
 
     # -- evaluation -------------------------------------------------------------------------
-    def evaluate(self, epoch: int, save_predictions: bool = False) -> dict:
+    def evaluate(self, epoch: int) -> dict:
+        """``evaluate_fn(epoch)``, recorded: headline numbers logged and in ``metrics.jsonl``, the
+        report in ``eval_report.json``. ``epoch``: the number of epochs trained."""
         # Evaluation must not consume the training RNG streams, or a resumed run would diverge.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            report, results = evaluate_model(self.model_without_ddp, self.val_loader, self.val_gt, self.device,
-                                       self.config.detections_per_img, amp=self.config.amp,
-                                       sartorius_score_thresh=self.config.sartorius_score_thresh,
-                                       class_names=self.class_names)
+            report = self.evaluate_fn(epoch)
         self.last_metrics = headline(report)
         log.info("validation after epoch %d: %s", epoch,
                  "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items()))
@@ -504,9 +515,6 @@ class Trainer:
                            "time": time.time()}, self.global_step)
         if self.dist.is_main:
             write_json_atomic(self.run_dir / "eval_report.json", {"epoch": epoch, **report})
-            if save_predictions:
-                write_json_atomic(self.run_dir / "predictions.json", results, indent=None)
-                log.info("predictions (COCO results) written to %s", self.run_dir / "predictions.json")
         return report
 
     def _maybe_save_best(self, epoch: int) -> None:
