@@ -28,7 +28,7 @@ from datasets.registry import parse_option  # noqa: E402
 from datasets.statistics import check_objects, recommend_sizes, resize_factor, statistics_from_coco  # noqa: E402
 from engine import distributed  # noqa: E402
 from engine.budget import format_duration, parse_duration  # noqa: E402
-from engine.checkpoint import CheckpointError, find_latest, load_for_resume  # noqa: E402
+from engine.checkpoint import CheckpointError, find_latest, last_trained_epoch, load_for_resume  # noqa: E402
 from engine.config import BEST_METRICS, ConfigError, TrainConfig, resolve_config  # noqa: E402
 from engine.data import TrainBatchSampler, aspect_ratio_groups, eval_loader, train_loader  # noqa: E402
 from engine.evaluation import Validation, headline  # noqa: E402
@@ -438,7 +438,7 @@ def main(args: argparse.Namespace, started: float | None = None) -> dict:
     if config.test_only:
         if resume_from is None and not config.weights:
             raise ConfigError("--test-only needs a model to evaluate: pass --resume PATH or --weights")
-        report = trainer.evaluate(trainer.start_epoch)
+        report = trainer.evaluate(last_trained_epoch(trainer.start_epoch, trainer.start_iteration))
     else:
         started = time.time()
         report = trainer.train()

@@ -96,6 +96,11 @@ class Trainer:
     The run is ``schedule.total_iters`` iterations long (the last epoch may be partial); with a
     ``deadline`` (``--max-time``) that number is fixed after the first measured steps.
 
+    ``epoch`` is a 0-based epoch index everywhere in the code, records included (``metrics.jsonl``,
+    ``eval_report.json``, the checkpoint); only log text counts from 1 ("epoch N/M", N = epoch + 1).
+    The training position is ``(epoch, iteration)``: the epoch in progress and the batches of it
+    already done, which is what a checkpoint stores; the end of epoch ``e`` is ``(e + 1, 0)``.
+
     Arguments are keyword-only, by job:
 
     - what is trained and checkpointed: ``model`` (DDP-wrapped under torchrun), its
@@ -103,7 +108,7 @@ class Trainer:
       (``engine.optim``), and ``class_names`` (the checkpoint records them for inference);
     - the data: ``train_loader`` over ``batch_sampler`` (``engine.data``, resumable by epoch);
     - evaluation (Detectron2's EvalHook shape): ``evaluate_fn(epoch) -> report`` evaluates the
-      model after ``epoch`` epochs (the report of ``metrics.evaluate_predictions``, the same on
+      model after (the last iteration of) epoch ``epoch`` (the report of ``metrics.evaluate_predictions``, the same on
       every rank), ``eval_seconds()`` estimates one call's seconds on this rank for ``--max-time``
       (``engine.evaluation.Validation`` provides both);
     - where: ``device``, ``dist_info`` (``engine.distributed``), ``run_dir`` (checkpoints,
@@ -158,6 +163,11 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self, epoch: int, iteration: int) -> dict:
+        """The checkpoint at position ``(epoch, iteration)`` (0-based epoch in progress, batches of it
+        done): model, optimizer, LR scheduler, AMP scaler, every rank's RNG state (a collective:
+        every rank calls it), the run's config and LR plan, the latest metrics and best value, the
+        bad-sample counts and the class names. Tensors and plain Python only, so
+        ``torch.load(weights_only=True)`` reads it."""
         return {
             "model": self.model_without_ddp.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -178,6 +188,11 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint of ``state_dict``: weights and optimizer state, the position
+        (``start_epoch``, ``start_iteration``) and step count, metrics, best value and bad-sample
+        counts, the stored LR plan (unless ``--epochs`` changed the run's length) and this rank's
+        RNG state (re-seeded, with a warning, when the number of processes changed). Checkpoints
+        of older versions (without ``global_step``, ``schedule`` or the counters) load too."""
         self.model_without_ddp.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -307,20 +322,21 @@ class Trainer:
                 batches_done = self.train_one_epoch(epoch, start_iter)
                 start_iter = 0
                 finished = self.global_step >= self.schedule.total_iters
-                if finished and batches_done < self.iters_per_epoch:
+                epoch_done = batches_done >= self.iters_per_epoch
+                if finished and not epoch_done:
                     log.info("training ends at iteration %d (batch %d of epoch %d), as planned", self.global_step,
                              batches_done, epoch + 1)
-                if batches_done >= self.iters_per_epoch:
-                    epoch, batches_done = epoch + 1, 0
-                path = self.save("last.pth", epoch, batches_done)
+                position = (epoch + 1, 0) if epoch_done else (epoch, batches_done)
+                path = self.save("last.pth", *position)
                 every = self._eval_every()
-                if finished or (every and batches_done == 0 and epoch % every == 0):
+                if finished or (every and epoch_done and (epoch + 1) % every == 0):
                     report = self.evaluate(epoch)
-                    self._maybe_save_best(epoch)
-                    self.save("last.pth", epoch, batches_done)  # again, now holding the metrics and best value
+                    self._maybe_save_best(*position)
+                    self.save("last.pth", *position)  # again, now holding the metrics and best value
                 if not finished and self._stop_requested():   # it came during the save or the evaluation
-                    log.warning("stopping at the start of epoch %d; continue with --resume %s", epoch + 1, path)
+                    log.warning("stopping at the start of epoch %d; continue with --resume %s", epoch + 2, path)
                     raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, path)
+                epoch = position[0]
             self._summarise_bad_samples()
         finally:
             for sig, h in previous.items():
@@ -504,12 +520,13 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, epoch: int) -> dict:
         """``evaluate_fn(epoch)``, recorded: headline numbers logged and in ``metrics.jsonl``, the
-        report in ``eval_report.json``. ``epoch``: the number of epochs trained."""
+        report in ``eval_report.json``, both with ``epoch``: the 0-based index of the epoch trained
+        last (-1: none; see ``engine.checkpoint.last_trained_epoch``)."""
         # Evaluation must not consume the training RNG streams, or a resumed run would diverge.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             report = self.evaluate_fn(epoch)
         self.last_metrics = headline(report)
-        log.info("validation after epoch %d: %s", epoch,
+        log.info("validation after epoch %d/%d: %s", epoch + 1, self.num_epochs,
                  "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items()))
         self.writer.write({"type": "eval", "epoch": epoch, "step": self.global_step, **self.last_metrics,
                            "time": time.time()}, self.global_step)
@@ -517,11 +534,12 @@ class Trainer:
             write_json_atomic(self.run_dir / "eval_report.json", {"epoch": epoch, **report})
         return report
 
-    def _maybe_save_best(self, epoch: int) -> None:
+    def _maybe_save_best(self, epoch: int, iteration: int) -> None:
+        """Keep the checkpoint at position ``(epoch, iteration)`` as ``best.pth`` if its metric is the best yet."""
         value = self.last_metrics.get(self.config.best_metric)
         if value is None:
             return
         if self.best_value is None or value > self.best_value:
             self.best_value = value
-            self.save("best.pth", epoch, 0)
+            self.save("best.pth", epoch, iteration)
             log.info("new best %s %.4f → %s", self.config.best_metric, value, self.run_dir / "best.pth")
