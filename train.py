@@ -18,7 +18,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
+from typing import Callable, Iterable  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -333,10 +333,13 @@ def plan_run(config: TrainConfig, iters_per_epoch: int, resuming: bool, started:
     return provisional, deadline
 
 
-def main(args: argparse.Namespace, started: float | None = None) -> dict:
+def main(args: argparse.Namespace, started: float | None = None,
+         after_step: Iterable[Callable[[Trainer, int, int], None]] = ()) -> dict:
     """Train (or, with ``--test-only``, evaluate) as ``args`` (from ``get_args_parser``) say and
     return the final validation report. ``started``: when the run began, for ``--max-time`` (the
-    CLI passes the process start; in-process callers default to now). Bad flags or data raise
+    CLI passes the process start; in-process callers default to now). ``after_step``: hooks the
+    trainer calls after every step as ``hook(trainer, epoch, batches_done)`` (engine/trainer.py),
+    e.g. to stop at a chosen position with ``trainer.request_stop()``. Bad flags or data raise
     ``ConfigError``/``ValueError`` naming the flag or file; ``run_cli`` turns them into exit status 2."""
     started = time.time() if started is None else started
     config = config_from_args(args)
@@ -428,7 +431,7 @@ def main(args: argparse.Namespace, started: float | None = None) -> dict:
                       lr_scheduler=lr_scheduler, scaler=scaler, schedule=schedule, class_names=class_names,
                       train_loader=loader, batch_sampler=batch_sampler,
                       evaluate_fn=validation, eval_seconds=validation.estimate_seconds,
-                      device=device, dist_info=dist_info, run_dir=run_dir, deadline=deadline)
+                      device=device, dist_info=dist_info, run_dir=run_dir, deadline=deadline, after_step=after_step)
     if state is not None:
         warn_config_changes(state.get("config", {}), config)
         trainer.load_state_dict(state)

@@ -129,3 +129,20 @@ def test_checkpoint_written_by_the_old_code_resumes_at_the_same_place(tmp_path, 
     assert positions[0] == (position[0], position[1] + 1) and positions[-1] == (1, 3)
     assert torch.equal(resumed.model.w, straight.model.w)
     assert (load_checkpoint(tmp_path / "resumed" / "last.pth")["epoch"], resumed.global_step) == (2, 6)
+
+
+def test_after_step_hooks_see_every_step_and_can_stop_the_run(tmp_path):
+    from engine.trainer import TrainingInterrupted
+    calls = []
+
+    def stop_at_second_batch(trainer, epoch, batches_done):
+        calls.append((epoch, batches_done, trainer.global_step))
+        if (epoch, batches_done) == (1, 2):
+            trainer.request_stop()
+
+    trainer = make_trainer(tmp_path, after_step=[stop_at_second_batch])
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.train()
+    assert calls == [(0, 1, 1), (0, 2, 2), (0, 3, 3), (1, 1, 4), (1, 2, 5)]
+    state = load_checkpoint(stopped.value.checkpoint)
+    assert (state["epoch"], state["iteration"], state["global_step"]) == (1, 2, 5)
