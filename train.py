@@ -282,7 +282,8 @@ def warn_config_changes(saved: dict, config: TrainConfig) -> None:
     ignore = {"resume", "epochs", "output_dir", "name", "print_freq", "workers", "eval_every", "test_only", "device",
               "max_time"}
     now = config.to_dict()
-    changed = {k: (saved.get(k), now[k]) for k in now if k not in ignore and saved.get(k) != now[k]}
+    # A field newer than the checkpoint is no change (anchor_ratios, since TrainConfig took ModelOptions' fields).
+    changed = {k: (saved[k], now[k]) for k in now if k not in ignore and k in saved and saved[k] != now[k]}
     if changed:
         log.warning("resuming with options that differ from the checkpoint's: %s",
                     ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items()))
