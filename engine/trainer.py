@@ -108,9 +108,9 @@ class Trainer:
       (``engine.optim``), and ``class_names`` (the checkpoint records them for inference);
     - the data: ``train_loader`` over ``batch_sampler`` (``engine.data``, resumable by epoch);
     - evaluation (Detectron2's EvalHook shape): ``evaluate_fn(epoch) -> report`` evaluates the
-      model after (the last iteration of) epoch ``epoch`` (the report of ``metrics.evaluate_predictions``, the same on
-      every rank), ``eval_seconds()`` estimates one call's seconds on this rank for ``--max-time``
-      (``engine.evaluation.Validation`` provides both);
+      model after (the last iteration of) epoch ``epoch``, returning the report of
+      ``metrics.evaluate_predictions``, the same on every rank; ``eval_seconds()`` estimates one
+      call's seconds on this rank, for ``--max-time`` (``engine.evaluation.Validation`` is both);
     - where: ``device``, ``dist_info`` (``engine.distributed``), ``run_dir`` (checkpoints,
       ``metrics.jsonl``, ``eval_report.json``), and ``deadline`` (``time.time()`` by which the
       run must end, or None);
@@ -334,7 +334,8 @@ class Trainer:
                     self._maybe_save_best(*position)
                     self.save("last.pth", *position)  # again, now holding the metrics and best value
                 if not finished and self._stop_requested():   # it came during the save or the evaluation
-                    log.warning("stopping at the start of epoch %d; continue with --resume %s", epoch + 2, path)
+                    log.warning("stopping at the start of epoch %d; continue with --resume %s", position[0] + 1,
+                                path)
                     raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, path)
                 epoch = position[0]
             self._summarise_bad_samples()
