@@ -82,13 +82,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ------------------------------------------------------------------------------- set-up
-
-
-# ------------------------------------------------------------------------------- run
-
-
 def main(args: argparse.Namespace) -> int:
+    """Predict every image ``args`` (from ``get_args_parser``) names and write the ``--formats``
+    outputs into ``--output-dir`` (module docstring). Returns the exit status: 0 all done, 1 some
+    inputs failed (each named on stderr; the others are written), 2 nothing could be done (no
+    checkpoint or images, a bad flag or ``--postprocess`` file: the message names it)."""
     import cv2
 
     from utils.image_files import expand_inputs

@@ -18,7 +18,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
+from typing import Callable, Iterable  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -28,10 +28,10 @@ from datasets.registry import parse_option  # noqa: E402
 from datasets.statistics import check_objects, recommend_sizes, resize_factor, statistics_from_coco  # noqa: E402
 from engine import distributed  # noqa: E402
 from engine.budget import format_duration, parse_duration  # noqa: E402
-from engine.checkpoint import CheckpointError, find_latest, load_for_resume  # noqa: E402
+from engine.checkpoint import CheckpointError, find_latest, last_trained_epoch, load_for_resume  # noqa: E402
 from engine.config import BEST_METRICS, ConfigError, TrainConfig, resolve_config  # noqa: E402
 from engine.data import TrainBatchSampler, aspect_ratio_groups, eval_loader, train_loader  # noqa: E402
-from engine.evaluation import headline  # noqa: E402
+from engine.evaluation import Validation, headline  # noqa: E402
 from engine.logging import setup_logging  # noqa: E402
 from engine.optim import build_lr_scheduler, build_optimizer, plan_schedule  # noqa: E402
 from engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted  # noqa: E402
@@ -282,7 +282,8 @@ def warn_config_changes(saved: dict, config: TrainConfig) -> None:
     ignore = {"resume", "epochs", "output_dir", "name", "print_freq", "workers", "eval_every", "test_only", "device",
               "max_time"}
     now = config.to_dict()
-    changed = {k: (saved.get(k), now[k]) for k in now if k not in ignore and saved.get(k) != now[k]}
+    # A field newer than the checkpoint is no change (anchor_ratios, since TrainConfig took ModelOptions' fields).
+    changed = {k: (saved[k], now[k]) for k in now if k not in ignore and k in saved and saved[k] != now[k]}
     if changed:
         log.warning("resuming with options that differ from the checkpoint's: %s",
                     ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items()))
@@ -333,10 +334,13 @@ def plan_run(config: TrainConfig, iters_per_epoch: int, resuming: bool, started:
     return provisional, deadline
 
 
-def main(args: argparse.Namespace, started: float | None = None) -> dict:
+def main(args: argparse.Namespace, started: float | None = None,
+         after_step: Iterable[Callable[[Trainer, int, int], None]] = ()) -> dict:
     """Train (or, with ``--test-only``, evaluate) as ``args`` (from ``get_args_parser``) say and
     return the final validation report. ``started``: when the run began, for ``--max-time`` (the
-    CLI passes the process start; in-process callers default to now). Bad flags or data raise
+    CLI passes the process start; in-process callers default to now). ``after_step``: hooks the
+    trainer calls after every step as ``hook(trainer, epoch, batches_done)`` (engine/trainer.py),
+    e.g. to stop at a chosen position with ``trainer.request_stop()``. Bad flags or data raise
     ``ConfigError``/``ValueError`` naming the flag or file; ``run_cli`` turns them into exit status 2."""
     started = time.time() if started is None else started
     config = config_from_args(args)
@@ -421,8 +425,14 @@ def main(args: argparse.Namespace, started: float | None = None) -> dict:
         log.info("time budget %s: %s used before the first step", format_duration(config.max_time),
                  format_duration(time.time() - started))
 
-    trainer = Trainer(config, model, model_without_ddp, optimizer, lr_scheduler, scaler, loader, batch_sampler,
-                      val, val_set.coco_gt(), class_names, device, dist_info, run_dir, schedule, deadline)
+    validation = Validation(model_without_ddp, val, val_set.coco_gt(), device, config.detections_per_img, config.amp,
+                            config.sartorius_score_thresh, class_names, dist_info=dist_info,
+                            predictions_path=run_dir / "predictions.json" if config.test_only else None)
+    trainer = Trainer(config, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                      lr_scheduler=lr_scheduler, scaler=scaler, schedule=schedule, class_names=class_names,
+                      train_loader=loader, batch_sampler=batch_sampler,
+                      evaluate_fn=validation, eval_seconds=validation.estimate_seconds,
+                      device=device, dist_info=dist_info, run_dir=run_dir, deadline=deadline, after_step=after_step)
     if state is not None:
         warn_config_changes(state.get("config", {}), config)
         trainer.load_state_dict(state)
@@ -432,7 +442,7 @@ def main(args: argparse.Namespace, started: float | None = None) -> dict:
     if config.test_only:
         if resume_from is None and not config.weights:
             raise ConfigError("--test-only needs a model to evaluate: pass --resume PATH or --weights")
-        report = trainer.evaluate(trainer.start_epoch, save_predictions=True)
+        report = trainer.evaluate(last_trained_epoch(trainer.start_epoch, trainer.start_iteration))
     else:
         started = time.time()
         report = trainer.train()

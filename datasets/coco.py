@@ -36,7 +36,7 @@ from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
 from datasets.imageio import read_image, read_image_size
 from datasets.registry import register_dataset
 from datasets.splits import fold_positions
-from datasets.targets import make_target
+from datasets.targets import coco_ground_truth, make_target
 from metrics.validation import annotations_as_list
 from utils.coco_rle import coco_rles_to_masks, segmentation_to_rle
 from utils.io import load_json
@@ -197,16 +197,10 @@ class CocoDataset(torch.utils.data.Dataset):
         """COCO ground truth of the kept images, all their annotations (crowd and degenerate
         included, as the official evaluation has them), categories renumbered 1..C. Cached."""
         if self._coco_gt is None:
-            images, annotations = [], []
-            for p in self.positions:
-                im = self._images[p]
-                images.append(dict(im))
-                for a in self._anns[p]:
-                    annotations.append({"id": len(annotations) + 1, "image_id": im["id"],
-                                        "category_id": a["category_id"], "segmentation": a["segmentation"],
-                                        "area": a["area"], "bbox": a["bbox"], "iscrowd": a["iscrowd"]})
-            categories = [{"id": k + 1, "name": n} for k, n in enumerate(self.class_names)]
-            self._coco_gt = {"images": images, "annotations": annotations, "categories": categories}
+            keys = ("category_id", "segmentation", "area", "bbox", "iscrowd")
+            self._coco_gt = coco_ground_truth(
+                ((dict(self._images[p]), ({k: a[k] for k in keys} for a in self._anns[p])) for p in self.positions),
+                self.class_names)
         return self._coco_gt
 
 

@@ -33,7 +33,7 @@ from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
 from datasets.imageio import read_image, read_image_size, read_label_image
 from datasets.registry import register_dataset
 from datasets.splits import fold_positions, random_split
-from datasets.targets import make_target
+from datasets.targets import coco_annotation, coco_ground_truth, make_target
 from utils.box_masks import box_masks_to_coco_rle, masks_to_boxes
 from utils.coco_rle import encode_coco_rle
 from utils.image_files import IMAGE_EXTENSIONS
@@ -186,19 +186,14 @@ class FolderDataset(torch.utils.data.Dataset):
         """COCO ground truth (compressed RLE). The annotations here are mask files, so this
         reads them — but not the images. Cached."""
         if self._coco_gt is None:
-            images, annotations = [], []
-            for i, item in enumerate(self.items):
-                h, w = item.size
-                images.append({"id": self.image_ids[i], "file_name": os.path.relpath(item.image_path, item.root),
-                               "height": h, "width": w})
-                for rle, box, area in instance_annotations(item):
-                    x0, y0, x1, y1 = box.tolist()
-                    annotations.append({"id": len(annotations) + 1, "image_id": self.image_ids[i],
-                                        "category_id": 1, "segmentation": rle, "area": area,
-                                        "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0})
-            self._coco_gt = {"images": images, "annotations": annotations,
-                             "categories": [{"id": 1, "name": self.class_names[0]}]}
+            self._coco_gt = coco_ground_truth((self._image_gt(i) for i in range(len(self.items))), self.class_names)
         return self._coco_gt
+
+    def _image_gt(self, i: int) -> tuple[dict, list[dict]]:
+        item = self.items[i]
+        h, w = item.size
+        image = {"id": self.image_ids[i], "file_name": os.path.relpath(item.image_path, item.root), "height": h, "width": w}
+        return image, [coco_annotation(1, rle, box.tolist(), area) for rle, box, area in instance_annotations(item)]
 
 
 # A scientist's own images: input scale, anchors and detection caps come from the data's object

@@ -36,7 +36,7 @@ from datasets.errors import BadInputLog, DatasetError, as_bool, load_sample
 from datasets.imageio import read_image, read_image_size
 from datasets.registry import register_dataset
 from datasets.splits import fold_positions, grouped_stratified_folds
-from datasets.targets import fill_holes, make_target
+from datasets.targets import coco_annotation, coco_ground_truth, fill_holes, make_target
 from utils.arrays import lazy_zeros
 from utils.kaggle_rle import fill_kaggle_runs, kaggle_rle_to_coco_rle, kaggle_runs_box, parse_kaggle_rle
 
@@ -239,23 +239,19 @@ class SartoriusDataset(torch.utils.data.Dataset):
         """COCO ground truth of these images, from the RLE strings (compressed RLE masks,
         xywh boxes, pixel areas), without decoding whole images. Cached."""
         if self._coco_gt is None:
-            images, annotations = [], []
-            for i, p in enumerate(self.positions):
-                height, width = self.index.sizes[p]
-                images.append({"id": self.image_ids[i], "file_name": self.index.names[p] + ".png",
-                               "height": height, "width": width})
-                kept, runs = decode_runs(self.index, p, self.skip_bad)
-                for k, (starts, lengths) in zip(kept, runs):
-                    x0, y0, x1, y1 = kaggle_runs_box(starts, lengths, width)
-                    annotations.append({
-                        # The CSV line number: unique, the same in every fold, and traceable.
-                        "id": self.index.lines[p][k], "image_id": self.image_ids[i],
-                        "category_id": int(self.index.labels[p][k]),
-                        "segmentation": kaggle_rle_to_coco_rle(starts, lengths, height, width),
-                        "area": float(lengths.sum()), "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0})
-            categories = [{"id": i + 1, "name": n} for i, n in enumerate(self.class_names)]
-            self._coco_gt = {"images": images, "annotations": annotations, "categories": categories}
+            self._coco_gt = coco_ground_truth((self._image_gt(i, p) for i, p in enumerate(self.positions)),
+                                              self.class_names)
         return self._coco_gt
+
+    def _image_gt(self, i: int, p: int) -> tuple[dict, list[dict]]:
+        height, width = self.index.sizes[p]
+        image = {"id": self.image_ids[i], "file_name": self.index.names[p] + ".png", "height": height, "width": width}
+        kept, runs = decode_runs(self.index, p, self.skip_bad)
+        # Annotation ids are CSV line numbers: unique, the same in every fold, and traceable.
+        return image, [{"id": self.index.lines[p][k], **coco_annotation(
+                           int(self.index.labels[p][k]), kaggle_rle_to_coco_rle(starts, lengths, height, width),
+                           kaggle_runs_box(starts, lengths, width), float(lengths.sum()))}
+                       for k, (starts, lengths) in zip(kept, runs)]
 
 
 def split_positions(index: SartoriusIndex, split: str, num_folds: int, fold: int, seed: int) -> list[int]:

@@ -19,6 +19,7 @@ import torch
 
 from datasets.registry import register_dataset
 from datasets.splits import fold_positions
+from datasets.targets import coco_annotation, coco_ground_truth
 from utils.box_masks import box_masks_to_coco_rle
 from utils.label_images import label_image_to_box_masks, label_image_to_instances
 
@@ -160,21 +161,15 @@ class SyntheticCells(torch.utils.data.Dataset):
 
     def coco_gt(self) -> dict:
         """COCO-format ground truth of this split (compressed RLE masks, xywh boxes)."""
-        images, annotations = [], []
-        for index in range(len(self)):
-            _, label_image, labels = self._render(index)
-            masks, _ = label_image_to_box_masks(label_image)   # instance k is label value k
-            images.append({"id": self.image_ids[index], "height": self.spec.height,
-                           "width": self.spec.width, "file_name": f"synthetic_{self.spec.split}_{self.positions[index]:05d}.png"})
-            for rle, box, label, area in zip(box_masks_to_coco_rle(masks), masks.tight_boxes(), labels,
-                                             masks.areas().tolist()):
-                x0, y0, x1, y1 = box.tolist()
-                annotations.append({"id": len(annotations) + 1, "image_id": self.image_ids[index],
-                                    "category_id": int(label), "segmentation": rle,
-                                    "area": float(area), "bbox": [x0, y0, x1 - x0, y1 - y0],
-                                    "iscrowd": 0})
-        categories = [{"id": i + 1, "name": name} for i, name in enumerate(self.class_names)]
-        return {"images": images, "annotations": annotations, "categories": categories}
+        return coco_ground_truth((self._image_gt(index) for index in range(len(self))), self.class_names)
+
+    def _image_gt(self, index: int) -> tuple[dict, list[dict]]:
+        _, label_image, labels = self._render(index)
+        masks, _ = label_image_to_box_masks(label_image)   # instance k is label value k
+        image = {"id": self.image_ids[index], "height": self.spec.height, "width": self.spec.width,
+                 "file_name": f"synthetic_{self.spec.split}_{self.positions[index]:05d}.png"}
+        return image, [coco_annotation(int(label), rle, box.tolist(), float(area)) for rle, box, label, area
+                       in zip(box_masks_to_coco_rle(masks), masks.tight_boxes(), labels, masks.areas().tolist())]
 
 
 # Small cells in small images: no resizing, small anchors, room for hundreds of detections;

@@ -1,5 +1,8 @@
-"""Building the target dict of the sample contract from masks, boxes and labels."""
+"""Building the target dict of the sample contract from masks, boxes and labels, and a dataset's
+COCO ground truth (``coco_gt()``) from its images' annotations."""
 from __future__ import annotations
+
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +26,30 @@ def make_target(masks: np.ndarray, labels: np.ndarray, boxes: np.ndarray, image_
         "iscrowd": torch.from_numpy(np.zeros(n, dtype=np.int64) if iscrowd is None
                                     else np.asarray(iscrowd, dtype=np.int64).reshape(n)),
     }
+
+
+def coco_annotation(category_id: int, segmentation, box: Sequence[float], area: float, iscrowd: int = 0) -> dict:
+    """One ground-truth annotation of ``coco_ground_truth``: ``box`` is xyxy pixels (stored as COCO's
+    xywh ``bbox``), ``segmentation`` compressed RLE or polygons, ``area`` in pixels."""
+    x0, y0, x1, y1 = box
+    return {"category_id": category_id, "segmentation": segmentation, "area": area,
+            "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": iscrowd}
+
+
+def coco_ground_truth(images: Iterable[tuple[dict, Iterable[dict]]], class_names: Sequence[str]) -> dict:
+    """A dataset's ``coco_gt()``: ``images`` yields each image's COCO entry (``id``, ``file_name``,
+    ``height``, ``width``, in the dataset's order) with its annotations (``coco_annotation``'s, or
+    COCO annotations as read). Each annotation gets its image's ``image_id`` and an ``id``: its own
+    when it brings one (a dataset's stable ids; then all of them should), else 1, 2, … in order.
+    Categories are ``1..C``, named by ``class_names``."""
+    entries, annotations = [], []
+    for image, image_annotations in images:
+        entries.append(image)
+        for a in image_annotations:
+            annotations.append({"id": a.get("id", len(annotations) + 1), "image_id": image["id"],
+                                **{k: v for k, v in a.items() if k != "id"}})
+    categories = [{"id": k + 1, "name": name} for k, name in enumerate(class_names)]
+    return {"images": entries, "annotations": annotations, "categories": categories}
 
 
 def valid_boxes(boxes: np.ndarray, min_size: float = 1.0) -> np.ndarray:

@@ -143,6 +143,14 @@ def load_for_resume(path: str | os.PathLike, map_location: str | torch.device = 
         return state, previous
 
 
+def last_trained_epoch(epoch: int, iteration: int) -> int:
+    """0-based index of the last epoch a checkpoint at position ``(epoch, iteration)`` trained in
+    (-1: none): the epoch in progress when some of its batches are done, else the one before.
+    A checkpoint's ``epoch`` is the epoch in progress (0-based) and ``iteration`` the batches of
+    it done, so the end of epoch ``e`` is stored as ``(e + 1, 0)``."""
+    return epoch if iteration > 0 else epoch - 1
+
+
 def find_latest(output_dir: str | os.PathLike, name: str = "last.pth") -> Path | None:
     """The most recently written ``name`` under ``output_dir`` (searched one and two levels deep)."""
     root = Path(output_dir)

@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ModelOptions):
     """Every setting of a training run, built once from the flags (``train.config_from_args``:
     flags over the dataset's defaults over these field defaults) and validated; frozen afterwards.
 
@@ -25,6 +25,8 @@ class TrainConfig:
     predict.py rebuild the model and its input preprocessing from it alone. One field per
     ``train.py`` flag (README's flags table), plus ``dataset_options``: the format's own option
     keys (``datasets.registry.option_keys``), typed and checked when the dataset is built.
+    The model's options (input size and scale, anchors, caps, thresholds, trainable backbone
+    layers) are ``models.zoo.ModelOptions``' fields, inherited: declared and checked there.
     """
     # data
     dataset: str = "synthetic"
@@ -40,19 +42,6 @@ class TrainConfig:
     model: str | None = None                                # None: R50-FPN on CUDA, R18-FPN on CPU
     weights: str | None = None
     weights_backbone: str | None = None
-    trainable_backbone_layers: int | None = None
-    min_size: int = 800                                     # torchvision's resize, when input_scale is None
-    max_size: int = 1333
-    input_scale: float | None = None                        # fixed input scale factor (replaces min/max size)
-    anchor_sizes: tuple = (32, 64, 128, 256, 512)
-    detections_per_img: int = 100
-    rpn_pre_nms_top_n_train: int = 2000
-    rpn_post_nms_top_n_train: int = 2000
-    rpn_pre_nms_top_n_test: int = 1000
-    rpn_post_nms_top_n_test: int = 1000
-    box_score_thresh: float = 0.05
-    box_nms_thresh: float = 0.5
-    box_batch_size_per_image: int = 512
     sync_bn: bool = False
     # optimisation
     device: str = "auto"
@@ -89,8 +78,8 @@ class TrainConfig:
         return {"data_path": self.data_path, **self.dataset_options}
 
     def model_options(self) -> ModelOptions:
-        names = {f.name for f in fields(ModelOptions)}
-        return ModelOptions(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        """The options ``models.build_model`` takes: this config's ``ModelOptions`` fields."""
+        return ModelOptions(**{f.name: getattr(self, f.name) for f in fields(ModelOptions)})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists); stored in checkpoints and config.json."""
@@ -167,6 +156,10 @@ def validate(c: TrainConfig) -> None:
             check_model_name(c.model)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    try:
+        c.model_options().check()   # the model's options are checked where they are declared
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     need(c.batch_size >= 1, f"--batch-size must be ≥ 1, got {c.batch_size}")
     need(c.epochs is None or c.epochs >= 1, f"--epochs must be ≥ 1, got {c.epochs}")
     need(c.lr is None or c.lr > 0, f"--lr must be > 0, got {c.lr}")
@@ -181,8 +174,6 @@ def validate(c: TrainConfig) -> None:
     need(c.warmup_iters is None or c.warmup_iters >= 0, f"--warmup-iters must be ≥ 0, got {c.warmup_iters}")
     need(c.max_time is None or c.max_time > 0, f"--max-time must be > 0, got {c.max_time}")
     need(c.min_epoch_iters >= 1, f"--min-epoch-iters must be ≥ 1, got {c.min_epoch_iters}")
-    need(c.input_scale is None or 0.05 <= c.input_scale <= 20,
-         f"--input-scale must be a factor in 0.05..20, got {c.input_scale}")
     from transforms.preprocess import CHANNEL_MODES, INTENSITY_POLICIES
     need(c.intensity in INTENSITY_POLICIES, f"--intensity must be one of {', '.join(INTENSITY_POLICIES)}, "
          f"got {c.intensity!r}")
@@ -190,21 +181,9 @@ def validate(c: TrainConfig) -> None:
          f"--channels must be auto, {' or '.join(CHANNEL_MODES)}, got {c.channels!r}")
     need(0 < c.warmup_factor <= 1, f"--warmup-factor must be in (0, 1], got {c.warmup_factor}")
     need(c.clip_grad_norm >= 0, f"--clip-grad-norm must be ≥ 0 (0 disables), got {c.clip_grad_norm}")
-    need(c.detections_per_img >= 1, f"--detections-per-img must be ≥ 1, got {c.detections_per_img}")
-    need(0 < c.min_size <= c.max_size, f"--min-size must be in 1..--max-size, got {c.min_size} > {c.max_size}"
-         if c.min_size > c.max_size else f"--min-size must be ≥ 1, got {c.min_size}")
-    need(len(c.anchor_sizes) == 5 and all(a > 0 for a in c.anchor_sizes),
-         f"--anchor-sizes needs 5 positive sizes (one per FPN level), got {list(c.anchor_sizes)}")
-    for flag in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test"):
-        need(getattr(c, flag) >= 1, f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(c, flag)}")
-    need(0 <= c.box_score_thresh < 1, f"--box-score-thresh must be in [0, 1), got {c.box_score_thresh}")
-    need(c.box_batch_size_per_image >= 1, f"--box-batch-size-per-image must be ≥ 1, got {c.box_batch_size_per_image}")
-    need(0 < c.box_nms_thresh <= 1, f"--box-nms-thresh must be in (0, 1], got {c.box_nms_thresh}")
     need(c.best_metric in BEST_METRICS, f"--best-metric must be one of {', '.join(BEST_METRICS)}, got {c.best_metric!r}")
     need(c.eval_every is None or c.eval_every >= 0, f"--eval-every must be ≥ 0, got {c.eval_every}")
     need(c.print_freq >= 1, f"--print-freq must be ≥ 1, got {c.print_freq}")
     need(c.max_nonfinite >= 1, f"--max-nonfinite must be ≥ 1, got {c.max_nonfinite}")
     need(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),
          f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
-    need(c.trainable_backbone_layers is None or 0 <= c.trainable_backbone_layers <= 5,
-         f"--trainable-backbone-layers must be in 0..5, got {c.trainable_backbone_layers}")

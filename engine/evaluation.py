@@ -6,8 +6,10 @@ unique image id, so those repeats never count twice and 1 or N processes give on
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ from engine import distributed
 from engine.inference import detect
 from metrics import evaluate_predictions
 from utils.instances import detections_to_coco_results
+from utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,44 @@ def evaluate_model(model: torch.nn.Module, loader, coco_gt: dict, device: torch.
     return report, results
 
 
+class Validation:
+    """The trainer's evaluation (Detectron2's EvalHook shape), built by train.py from the validation
+    split: ``validation(epoch) -> report`` runs ``model`` over ``loader`` and scores it against
+    ``coco_gt`` (the same report on every rank); ``estimate_seconds()`` is what one call will take
+    on this rank (``dist_info``: its share of the split). ``predictions_path``: rank 0 also writes
+    the COCO results there."""
+
+    def __init__(self, model: torch.nn.Module, loader, coco_gt: dict, device: torch.device, max_dets: int,
+                 amp: bool = False, sartorius_score_thresh: float = 0.5, class_names: list[str] | None = None,
+                 predictions_path: Path | None = None, dist_info: distributed.DistInfo | None = None):
+        self.dist = dist_info or distributed.DistInfo()
+        self.model, self.loader, self.coco_gt, self.device = model, loader, coco_gt, device
+        self.max_dets, self.amp, self.sartorius_score_thresh = max_dets, amp, sartorius_score_thresh
+        self.class_names = class_names
+        self.predictions_path = predictions_path
+
+    def __call__(self, epoch: int) -> dict:
+        report, results = evaluate_model(self.model, self.loader, self.coco_gt, self.device, self.max_dets,
+                                         amp=self.amp, sartorius_score_thresh=self.sartorius_score_thresh,
+                                         class_names=self.class_names)
+        if self.predictions_path is not None and self.dist.is_main:
+            write_json_atomic(self.predictions_path, results, indent=None)
+            log.info("predictions (COCO results) written to %s", self.predictions_path)
+        return report
+
+    def estimate_seconds(self) -> float:
+        """One validation image loaded, predicted and scored (twice: the first call pays one-off
+        start-up costs), times this rank's share of the split, with room for the loader start-up
+        and the merge. Leaves the model in eval mode."""
+        dataset = self.loader.dataset
+        n = math.ceil(len(dataset) / self.dist.world_size)
+        if n == 0:
+            return 0.0
+        per_image = min(time_one_evaluation(self.model, dataset, self.coco_gt, self.device, self.max_dets, self.amp)
+                        for _ in range(2))
+        return n * per_image * 1.5 + 5.0
+
+
 def headline(report: dict) -> dict[str, float]:
     """The flat numbers a run is judged by: segm/bbox AP, AP50, AP75, and the Sartorius score."""
     flat = {}
@@ -115,7 +156,6 @@ def evaluate_checkpoint(checkpoint_path: str, dataset_name: str, dataset_options
     from engine.data import eval_loader
     from transforms import build_transforms
     from transforms.preprocess import Preprocessing
-    from utils.io import write_json_atomic
 
     info, dev = distributed.init_distributed(device)
     state = load_checkpoint(checkpoint_path)

@@ -17,7 +17,6 @@ Large images are predicted in overlapping tiles and merged across the seams
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ from transforms.preprocess import Preprocessing, intensity_bounds, to_model_inpu
 from utils.box_masks import box_masks_to_coco_rle
 from utils.image_files import ImageReadError, decode_image, expand_inputs
 from utils.instances import Instances
+from utils.io import load_json
 from utils.label_images import box_masks_to_label_image
 from utils.writers import render_overlay, submission_rows
 
@@ -80,17 +80,21 @@ def resolve_checkpoint(checkpoint: str | None, runs_dir: str) -> tuple[Path, str
 
 
 def load_postprocess(spec: str | os.PathLike | dict) -> Callable[[list[dict], int, int], list[dict]]:
-    """Post-processing parameters (a JSON file written by ``evaluate.py --search``, or its dict)
-    → function(results_of_one_image, height, width) → results."""
-    if isinstance(spec, dict):
-        params = spec
-    else:
-        try:
-            params = json.loads(Path(spec).read_text())
-        except (OSError, ValueError) as exc:
-            raise PredictError(f"--postprocess {spec}: cannot read JSON ({exc})") from exc
-    from metrics.postprocess import apply_postprocess
+    """Post-processing parameters (the JSON file ``evaluate.py --search`` writes, or its dict),
+    checked as ``evaluate.py --postprocess`` checks them (``metrics.postprocess.check_params``)
+    → function(results_of_one_image, height, width) → results. A file that cannot be read or
+    parameters that cannot work raise ``PredictError`` naming the file and the entry."""
+    from metrics.postprocess import apply_postprocess, check_params
+    from metrics.validation import InvalidInputError
 
+    if isinstance(spec, dict):
+        params, where = spec, "post-processing parameters"
+    else:
+        params, where = load_json(spec, "--postprocess", PredictError), f"--postprocess file {spec}"
+    try:
+        params = check_params(params, where)
+    except InvalidInputError as exc:
+        raise PredictError(str(exc)) from None
     return lambda results, height, width: apply_postprocess(results, params, height, width)
 
 

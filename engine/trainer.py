@@ -20,7 +20,7 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from engine.budget import StepTimer, budget_total_iters, format_duration
 from engine.checkpoint import CheckpointError, save_checkpoint
 from engine.config import TrainConfig
 from engine.data import STOP_SIGNALS
-from engine.evaluation import autocast_context, evaluate_model, headline, time_one_evaluation
+from engine.evaluation import autocast_context, headline
 from engine.logging import MetricLogger, MetricsWriter, plot_metrics
 from engine.optim import Schedule, plan_schedule
 from utils.io import OutputError, remove_pending_temp_files, write_json_atomic
@@ -91,16 +91,40 @@ def drop_degenerate_instances(target: dict) -> tuple[dict, int]:
 
 
 class Trainer:
-    """One model, one optimizer, one data source. ``after_step`` hooks get ``(trainer, epoch, batches_done)``.
+    """One model, one optimizer, one data source; evaluation is the caller's ``evaluate_fn``.
 
     The run is ``schedule.total_iters`` iterations long (the last epoch may be partial); with a
     ``deadline`` (``--max-time``) that number is fixed after the first measured steps.
+
+    ``epoch`` is a 0-based epoch index everywhere in the code, records included (``metrics.jsonl``,
+    ``eval_report.json``, the checkpoint); only log text counts from 1 ("epoch N/M", N = epoch + 1).
+    The training position is ``(epoch, iteration)``: the epoch in progress and the batches of it
+    already done, which is what a checkpoint stores; the end of epoch ``e`` is ``(e + 1, 0)``.
+
+    Arguments are keyword-only, by job:
+
+    - what is trained and checkpointed: ``model`` (DDP-wrapped under torchrun), its
+      ``model_without_ddp``, ``optimizer``, ``lr_scheduler``, AMP ``scaler``, the LR ``schedule``
+      (``engine.optim``), and ``class_names`` (the checkpoint records them for inference);
+    - the data: ``train_loader`` over ``batch_sampler`` (``engine.data``, resumable by epoch);
+    - evaluation (Detectron2's EvalHook shape): ``evaluate_fn(epoch) -> report`` evaluates the
+      model after (the last iteration of) epoch ``epoch``, returning the report of
+      ``metrics.evaluate_predictions``, the same on every rank; ``eval_seconds()`` estimates one
+      call's seconds on this rank, for ``--max-time`` (``engine.evaluation.Validation`` is both);
+    - where: ``device``, ``dist_info`` (``engine.distributed``), ``run_dir`` (checkpoints,
+      ``metrics.jsonl``, ``eval_report.json``), and ``deadline`` (``time.time()`` by which the
+      run must end, or None);
+    - ``after_step``: hooks called as ``hook(trainer, epoch, batches_done)`` after every step
+      (all ranks), before the stop check, so a hook may ``request_stop()`` at a chosen position.
     """
 
-    def __init__(self, config: TrainConfig, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
-                 optimizer, lr_scheduler, scaler, train_loader, batch_sampler, val_loader, val_gt: dict,
-                 class_names: list[str], device: torch.device, dist_info: distributed.DistInfo, run_dir: Path,
-                 schedule: Schedule, deadline: float | None = None, after_step: list[Callable] | None = None):
+    def __init__(self, config: TrainConfig, *,
+                 model: torch.nn.Module, model_without_ddp: torch.nn.Module, optimizer, lr_scheduler, scaler,
+                 schedule: Schedule, class_names: list[str],
+                 train_loader, batch_sampler,
+                 evaluate_fn: Callable[[int], dict], eval_seconds: Callable[[], float],
+                 device: torch.device, dist_info: distributed.DistInfo, run_dir: Path, deadline: float | None = None,
+                 after_step: Iterable[Callable[[Trainer, int, int], None]] = ()):
         self.config = config
         self.schedule = schedule
         self.deadline = deadline
@@ -115,13 +139,13 @@ class Trainer:
         self.scaler = scaler
         self.train_loader = train_loader
         self.batch_sampler = batch_sampler
-        self.val_loader = val_loader
-        self.val_gt = val_gt
+        self.evaluate_fn = evaluate_fn
+        self.eval_seconds = eval_seconds
         self.class_names = class_names
         self.device = device
         self.dist = dist_info
         self.run_dir = run_dir
-        self.after_step = list(after_step or [])
+        self.after_step = list(after_step)
         self.writer = MetricsWriter(run_dir, enabled=dist_info.is_main)
         self.start_epoch = 0
         self.start_iteration = 0
@@ -133,11 +157,17 @@ class Trainer:
         self._consecutive_nonfinite = 0
         self._stop_signal: int | None = None
         self._stop_time = 0.0
+        self._eval_estimate: float | None = None
         self.bad_samples: dict[str, int] = {}   # message naming a skipped sample/annotation → times skipped
         self._pending_bad: list[str] = []
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self, epoch: int, iteration: int) -> dict:
+        """The checkpoint at position ``(epoch, iteration)`` (0-based epoch in progress, batches of it
+        done): model, optimizer, LR scheduler, AMP scaler, every rank's RNG state (a collective:
+        every rank calls it), the run's config and LR plan, the latest metrics and best value, the
+        bad-sample counts and the class names. Tensors and plain Python only, so
+        ``torch.load(weights_only=True)`` reads it."""
         return {
             "model": self.model_without_ddp.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -158,6 +188,11 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint of ``state_dict``: weights and optimizer state, the position
+        (``start_epoch``, ``start_iteration``) and step count, metrics, best value and bad-sample
+        counts, the stored LR plan (unless ``--epochs`` changed the run's length) and this rank's
+        RNG state (re-seeded, with a warning, when the number of processes changed). Checkpoints
+        of older versions (without ``global_step``, ``schedule`` or the counters) load too."""
         self.model_without_ddp.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -287,20 +322,22 @@ class Trainer:
                 batches_done = self.train_one_epoch(epoch, start_iter)
                 start_iter = 0
                 finished = self.global_step >= self.schedule.total_iters
-                if finished and batches_done < self.iters_per_epoch:
+                epoch_done = batches_done >= self.iters_per_epoch
+                if finished and not epoch_done:
                     log.info("training ends at iteration %d (batch %d of epoch %d), as planned", self.global_step,
                              batches_done, epoch + 1)
-                if batches_done >= self.iters_per_epoch:
-                    epoch, batches_done = epoch + 1, 0
-                path = self.save("last.pth", epoch, batches_done)
+                position = (epoch + 1, 0) if epoch_done else (epoch, batches_done)
+                path = self.save("last.pth", *position)
                 every = self._eval_every()
-                if finished or (every and batches_done == 0 and epoch % every == 0):
+                if finished or (every and epoch_done and (epoch + 1) % every == 0):
                     report = self.evaluate(epoch)
-                    self._maybe_save_best(epoch)
-                    self.save("last.pth", epoch, batches_done)  # again, now holding the metrics and best value
+                    self._maybe_save_best(*position)
+                    self.save("last.pth", *position)  # again, now holding the metrics and best value
                 if not finished and self._stop_requested():   # it came during the save or the evaluation
-                    log.warning("stopping at the start of epoch %d; continue with --resume %s", epoch + 1, path)
+                    log.warning("stopping at the start of epoch %d; continue with --resume %s", position[0] + 1,
+                                path)
                     raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, path)
+                epoch = position[0]
             self._summarise_bad_samples()
         finally:
             for sig, h in previous.items():
@@ -433,21 +470,13 @@ class Trainer:
                         self.schedule.describe(self.config.lr))
 
     def _estimate_eval_seconds(self) -> float:
-        """Seconds the final evaluation will take: one validation image loaded, predicted and
-        scored here (twice: the first call pays one-off start-up costs), times this rank's
-        share of the validation set, with room for the loader start-up and the merge."""
-        if getattr(self, "_eval_estimate", None) is None:
-            dataset = self.val_loader.dataset
-            n = math.ceil(len(dataset) / self.dist.world_size)
-            if n == 0:
-                self._eval_estimate = 0.0
-                return 0.0
+        """Seconds one evaluation will take (rank 0's estimate, so every rank plans alike), measured
+        once, outside the training RNG streams."""
+        if self._eval_estimate is None:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                per_image = min(time_one_evaluation(self.model_without_ddp, dataset, self.val_gt, self.device,
-                                                    self.config.detections_per_img, self.config.amp)
-                                for _ in range(2))
+                seconds = self.eval_seconds()
             self.model.train()
-            self._eval_estimate = distributed.broadcast_object(n * per_image * 1.5 + 5.0)
+            self._eval_estimate = distributed.broadcast_object(seconds)
         return self._eval_estimate
 
     def _report_bad_samples(self) -> None:
@@ -490,30 +519,28 @@ class Trainer:
                 f"(check it with tools/check_dataset.py). The last good checkpoint is {self.run_dir / 'last.pth'}.")
 
     # -- evaluation -------------------------------------------------------------------------
-    def evaluate(self, epoch: int, save_predictions: bool = False) -> dict:
+    def evaluate(self, epoch: int) -> dict:
+        """``evaluate_fn(epoch)``, recorded: headline numbers logged and in ``metrics.jsonl``, the
+        report in ``eval_report.json``, both with ``epoch``: the 0-based index of the epoch trained
+        last (-1: none; see ``engine.checkpoint.last_trained_epoch``)."""
         # Evaluation must not consume the training RNG streams, or a resumed run would diverge.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            report, results = evaluate_model(self.model_without_ddp, self.val_loader, self.val_gt, self.device,
-                                       self.config.detections_per_img, amp=self.config.amp,
-                                       sartorius_score_thresh=self.config.sartorius_score_thresh,
-                                       class_names=self.class_names)
+            report = self.evaluate_fn(epoch)
         self.last_metrics = headline(report)
-        log.info("validation after epoch %d: %s", epoch,
+        log.info("validation after epoch %d/%d: %s", epoch + 1, self.num_epochs,
                  "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items()))
         self.writer.write({"type": "eval", "epoch": epoch, "step": self.global_step, **self.last_metrics,
                            "time": time.time()}, self.global_step)
         if self.dist.is_main:
             write_json_atomic(self.run_dir / "eval_report.json", {"epoch": epoch, **report})
-            if save_predictions:
-                write_json_atomic(self.run_dir / "predictions.json", results, indent=None)
-                log.info("predictions (COCO results) written to %s", self.run_dir / "predictions.json")
         return report
 
-    def _maybe_save_best(self, epoch: int) -> None:
+    def _maybe_save_best(self, epoch: int, iteration: int) -> None:
+        """Keep the checkpoint at position ``(epoch, iteration)`` as ``best.pth`` if its metric is the best yet."""
         value = self.last_metrics.get(self.config.best_metric)
         if value is None:
             return
         if self.best_value is None or value > self.best_value:
             self.best_value = value
-            self.save("best.pth", epoch, 0)
+            self.save("best.pth", epoch, iteration)
             log.info("new best %s %.4f → %s", self.config.best_metric, value, self.run_dir / "best.pth")

@@ -27,11 +27,16 @@ from models.scale import ScaleTransform
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """Options that shape the detector; dense cell images need the caps raised together."""
-    min_size: int = 800
+    """Options that shape the detector; dense cell images need the caps raised together.
+
+    The one declaration of these fields (type, default) and, in ``check``, their one validation:
+    ``engine.config.TrainConfig`` inherits them, each set by the train.py flag of its name
+    (``--min-size`` for ``min_size``; ``anchor_ratios`` has no flag).
+    """
+    min_size: int = 800               # torchvision's resize, when input_scale is None
     max_size: int = 1333
     input_scale: float | None = None  # set: resize every input by this factor (min/max_size unused)
-    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)   # one per FPN level
     anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     detections_per_img: int = 100
     rpn_pre_nms_top_n_train: int = 2000
@@ -42,6 +47,32 @@ class ModelOptions:
     box_nms_thresh: float = 0.5
     box_batch_size_per_image: int = 512  # RoIs sampled per image for the box/mask losses
     trainable_backbone_layers: int | None = None  # None: 3 when pretrained, else all 5
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the flag and the valid range of the first option that cannot work."""
+        def need(condition: bool, message: str) -> None:
+            if not condition:
+                raise ValueError(message)
+
+        need(self.input_scale is None or 0.05 <= self.input_scale <= 20,
+             f"--input-scale must be a factor in 0.05..20, got {self.input_scale}")
+        need(self.detections_per_img >= 1, f"--detections-per-img must be ≥ 1, got {self.detections_per_img}")
+        need(0 < self.min_size <= self.max_size,
+             f"--min-size must be in 1..--max-size, got {self.min_size} > {self.max_size}"
+             if self.min_size > self.max_size else f"--min-size must be ≥ 1, got {self.min_size}")
+        need(len(self.anchor_sizes) == 5 and all(a > 0 for a in self.anchor_sizes),
+             f"--anchor-sizes needs 5 positive sizes (one per FPN level), got {list(self.anchor_sizes)}")
+        need(len(self.anchor_ratios) >= 1 and all(r > 0 for r in self.anchor_ratios),
+             f"anchor_ratios must be positive aspect ratios, got {list(self.anchor_ratios)}")
+        for name in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
+                     "rpn_post_nms_top_n_test"):
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        need(0 <= self.box_score_thresh < 1, f"--box-score-thresh must be in [0, 1), got {self.box_score_thresh}")
+        need(self.box_batch_size_per_image >= 1,
+             f"--box-batch-size-per-image must be ≥ 1, got {self.box_batch_size_per_image}")
+        need(0 < self.box_nms_thresh <= 1, f"--box-nms-thresh must be in (0, 1], got {self.box_nms_thresh}")
+        need(self.trainable_backbone_layers is None or 0 <= self.trainable_backbone_layers <= 5,
+             f"--trainable-backbone-layers must be in 0..5, got {self.trainable_backbone_layers}")
 
 
 @dataclass(frozen=True)
@@ -78,13 +109,10 @@ def check_model_name(name: str) -> Variant:
 def assemble_model(name: str, num_classes: int, options: ModelOptions, pretrained: bool) -> MaskRCNN:
     """Build variant ``name`` with ``num_classes`` (background included) and random weights."""
     variant = check_model_name(name)
-    if len(options.anchor_sizes) != 5:
-        raise ValueError(f"--anchor-sizes needs one size per FPN level (5), got {list(options.anchor_sizes)}")
+    options.check()
     trainable = options.trainable_backbone_layers
     if trainable is None:
         trainable = 3 if pretrained else 5
-    if not 0 <= trainable <= 5:
-        raise ValueError(f"--trainable-backbone-layers must be in 0..5, got {trainable}")
 
     # v2 always trains BN (as torchvision's v2); v1 freezes BN statistics when pretrained.
     norm: Callable[..., nn.Module] = nn.BatchNorm2d if (variant.v2 or not pretrained) else FrozenBatchNorm2d

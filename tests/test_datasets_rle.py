@@ -1,11 +1,12 @@
-"""Kaggle RLE (row-major, 1-indexed) and the dataset mask helpers (utils.kaggle_rle, datasets.targets)."""
+"""Kaggle RLE (row-major, 1-indexed) and the dataset mask and ground-truth helpers (utils.kaggle_rle,
+datasets.targets)."""
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from datasets.targets import fill_holes
+from datasets.targets import coco_annotation, coco_ground_truth, fill_holes
 from tests.fixtures.data_writers import encode_kaggle_rle
 from utils.box_masks import masks_to_boxes
 from utils.coco_rle import decode_coco_rle
@@ -92,3 +93,20 @@ def test_coco_rles_to_masks_matches_pycocotools(masks):
     rles = encode_coco_rle(masks)
     assert np.array_equal(coco_rles_to_masks(rles, h, w), masks)
     assert np.array_equal(coco_rles_to_masks([{"size": r["size"], "counts": r["counts"].encode()} for r in rles], h, w), masks)
+
+
+def test_coco_ground_truth_numbers_annotations_and_converts_boxes():
+    rle = {"size": [4, 5], "counts": "0"}
+    images = [({"id": 7, "file_name": "a.png", "height": 4, "width": 5},
+               [coco_annotation(2, rle, [1, 0, 4, 3], 6.0), coco_annotation(1, rle, [0, 0, 1, 1], 1.0)]),
+              ({"id": 9, "file_name": "b.png", "height": 4, "width": 5}, []),
+              ({"id": 3, "file_name": "c.png", "height": 4, "width": 5}, [coco_annotation(1, rle, [2, 2, 5, 4], 4.0)])]
+    gt = coco_ground_truth(images, ["big", "small"])
+    assert [i["id"] for i in gt["images"]] == [7, 9, 3]
+    assert [(a["id"], a["image_id"], a["category_id"]) for a in gt["annotations"]] == [(1, 7, 2), (2, 7, 1), (3, 3, 1)]
+    assert gt["annotations"][0] == {"id": 1, "image_id": 7, "category_id": 2, "segmentation": rle, "area": 6.0,
+                                    "bbox": [1, 0, 3, 3], "iscrowd": 0}
+    assert gt["categories"] == [{"id": 1, "name": "big"}, {"id": 2, "name": "small"}]
+    # A dataset's own stable ids (Sartorius: CSV line numbers) are kept.
+    own = coco_ground_truth([(images[0][0], [{"id": 41, **coco_annotation(1, rle, [0, 0, 2, 2], 4.0)}])], ["x"])
+    assert own["annotations"][0]["id"] == 41 and list(own["annotations"][0])[:2] == ["id", "image_id"]

@@ -169,6 +169,25 @@ def test_fields_from_the_dataset_defaults_are_the_ones_no_flag_set():
     assert config.epochs == 3 and config.batch_size == 4 and config.opt == "sgd"
 
 
+# --- model options ------------------------------------------------------------------------------
+
+def test_model_options_are_declared_and_checked_once():
+    from engine.config import ConfigError, resolve_config
+    from models import ModelOptions, build_model
+    # TrainConfig inherits ModelOptions' fields: declaring one again would be a second owner.
+    own = {f.name for f in dataclasses.fields(ModelOptions)}
+    assert own <= {f.name for f in dataclasses.fields(TrainConfig)}
+    assert not own & set(TrainConfig.__dict__.get("__annotations__", {}))
+    assert TrainConfig(min_size=64, box_nms_thresh=0.3).model_options() == ModelOptions(min_size=64, box_nms_thresh=0.3)
+    # One check, as a flag error from train.py's config and as a ValueError from build_model.
+    for bad, flag in (({"box_nms_thresh": 0.0}, "--box-nms-thresh"), ({"anchor_sizes": (8, 16)}, "--anchor-sizes"),
+                      ({"trainable_backbone_layers": 6}, "--trainable-backbone-layers")):
+        with pytest.raises(ConfigError, match=flag):
+            resolve_config(bad, {})
+        with pytest.raises(ValueError, match=flag):
+            build_model("maskrcnn_resnet18_fpn", 2, ModelOptions(**bad))
+
+
 # --- resume warning, metrics writer ---------------------------------------------------------------
 
 def test_warn_config_changes_names_changed_options_only(caplog):
@@ -182,6 +201,11 @@ def test_warn_config_changes_names_changed_options_only(caplog):
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
     assert f"lr: {config.lr!r} → 0.5" in message and f"batch_size: {config.batch_size!r} → 7" in message
+    # A checkpoint older than a field (anchor_ratios came with ModelOptions' fields) changed nothing.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=train.log.name):
+        train.warn_config_changes({k: v for k, v in saved.items() if k != "anchor_ratios"}, config)
+    assert not caplog.records
 
 
 def test_metrics_writer_keeps_json_lines(tmp_path):

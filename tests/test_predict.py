@@ -226,35 +226,80 @@ def test_default_checkpoint_is_newest_best_then_last(tmp_path, checkpoint):
     assert predict.resolve_checkpoint(str(runs / "old"), str(runs))[0] == runs / "old" / "last.pth"
 
 
+def search_postprocess_file(tmp_path, image_index: int, checkpoint, capsys) -> tuple[Path, list[dict]]:
+    """The parameters ``evaluate.py --search`` writes for predict.py's raw predictions of synthetic
+    image ``image_index`` (saved as a.png) against its true instances; and those predictions."""
+    import evaluate
+    from datasets.synthetic import SyntheticSpec, render_image
+    from datasets.targets import coco_annotation, coco_ground_truth
+    from utils.box_masks import box_masks_to_coco_rle
+
+    image, label_image, labels = render_image(SyntheticSpec(height=96, width=120, split="val", dense_every=0),
+                                              image_index)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    masks, values = label_image_to_box_masks(label_image)
+    annotations = [coco_annotation(int(labels[v - 1]), rle, box.tolist(), float(area)) for rle, box, v, area
+                   in zip(box_masks_to_coco_rle(masks), masks.tight_boxes(), values, masks.areas().tolist())]
+    gt = coco_ground_truth([({"id": "a", "file_name": "a.png", "height": 96, "width": 120}, annotations)],
+                           ["round", "elongated"])
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    assert run([str(tmp_path / "a.png"), "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "raw"),
+                "--formats", "json"]) == 0
+    params = tmp_path / "postprocess.json"
+    assert evaluate.main(["--gt", str(tmp_path / "gt.json"), "--pred", str(tmp_path / "raw" / "predictions.json"),
+                          "--search", "--search-out", str(params)]) == 0
+    capsys.readouterr()
+    return params, json.loads((tmp_path / "raw" / "predictions.json").read_text())
+
+
 def test_postprocess_is_applied(tmp_path, checkpoint, monkeypatch, capsys):
     import metrics.postprocess
 
+    params, raw = search_postprocess_file(tmp_path, 2, checkpoint, capsys)
     calls = []
+    apply = metrics.postprocess.apply_postprocess
 
-    def apply_postprocess(results, params, height, width):
-        calls.append((len(results), params, height, width))
-        from pycocotools import mask as mask_utils
+    def recording(results, params, height, width):
+        kept = apply(results, params, height, width)
+        calls.append((len(results), params, height, width, len(kept)))
+        return kept
 
-        def area(r):
-            seg = r["segmentation"]
-            return int(mask_utils.area({"size": seg["size"], "counts": seg["counts"].encode()}))
-
-        return [r for r in results if area(r) >= params["min_area"]][:3]
-
-    monkeypatch.setattr(metrics.postprocess, "apply_postprocess", apply_postprocess)
-    Image.fromarray(synthetic_image(2)).save(tmp_path / "a.png")
-    params = tmp_path / "pp.json"
-    params.write_text(json.dumps({"min_area": 5}))
+    monkeypatch.setattr(metrics.postprocess, "apply_postprocess", recording)
     out = tmp_path / "out"
     rc = run([str(tmp_path / "a.png"), "--checkpoint", str(checkpoint), "--output-dir", str(out),
               "--postprocess", str(params), "--formats", "labels", "json", "csv"])
     assert rc == 0, capsys.readouterr().err
-    assert len(calls) == 1 and calls[0][1:] == ({"min_area": 5}, 96, 120) and calls[0][0] > 3
+    # The file evaluate.py wrote reaches apply_postprocess as written, with the image's size.
+    assert len(calls) == 1 and calls[0][1:4] == (json.loads(params.read_text()), 96, 120)
+    assert calls[0][0] == len(raw) > calls[0][4] >= 1   # post-processing dropped some, kept some
     labels = read_label_image(out / "a_labels.png")
     rows = (out / "submission.csv").read_text().splitlines()[1:]
-    assert 1 <= labels.max() <= 3 and len(rows) == labels.max()
+    assert labels.max() == len(rows) == calls[0][4]
     # predictions.json keeps every detection; only the instance outputs are post-processed.
-    assert len(json.loads((out / "predictions.json").read_text())) == calls[0][0]
+    assert len(json.loads((out / "predictions.json").read_text())) == len(raw)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "malformed JSON"),
+    (json.dumps({"version": 1, "classes": {"1": {"name": "round", "score_thresh": 0.4}}}), "entry '1'"),
+    (json.dumps({"version": 1, "classes": {"2": {"score_thresh": 1.5, "min_size": 0}}}), "entry '2'"),
+    (json.dumps({"version": 1, "default": {"score_thresh": 0.5, "min_size": 0}, "nms_iou": 2}), "nms_iou"),
+    (json.dumps({"min_area": 5}), "no 'classes' or 'default'"),
+])
+def test_bad_postprocess_file_names_the_file_and_entry(tmp_path, checkpoint, capsys, content, needle):
+    from engine.predictor import PredictError, Predictor
+
+    Image.fromarray(synthetic_image(2)).save(tmp_path / "a.png")
+    params = tmp_path / "pp.json"
+    params.write_text(content)
+    rc = run([str(tmp_path / "a.png"), "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "out"),
+              "--postprocess", str(params)])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(params) in err and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+    if not content.startswith("{not"):
+        with pytest.raises(PredictError, match=needle):      # the Python API checks a dict the same way
+            Predictor.from_checkpoint(checkpoint, device="cpu", postprocess=json.loads(content))
 
 
 def test_label_image_goes_to_tiff_above_65535(tmp_path):

@@ -72,16 +72,8 @@ def test_resume_is_exact_after_epoch_and_mid_epoch_interrupt(tmp_path):
             trainer.request_stop(signal.SIGTERM)
 
     args = train.get_args_parser().parse_args(tiny_args(tmp_path, *common, "--epochs", "2", "--name", "interrupted"))
-    original = train.Trainer.__init__
-
-    def with_hook(self, *a, **kw):
-        original(self, *a, **kw)
-        self.after_step.append(stop_in_epoch_2)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train.Trainer, "__init__", with_hook)
-        with pytest.raises(TrainingInterrupted):
-            train.main(args)
+    with pytest.raises(TrainingInterrupted):
+        train.main(args, after_step=[stop_in_epoch_2])
     state = load_checkpoint(tmp_path / "runs" / "interrupted" / "last.pth")
     assert (state["epoch"], state["iteration"]) == (1, 2)
     run(tiny_args(tmp_path, *common, "--epochs", "2", "--resume", str(tmp_path / "runs" / "interrupted" / "last.pth")))

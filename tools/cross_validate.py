@@ -11,7 +11,7 @@ Works for every dataset with folds: sartorius (grouped by sample_id), folder, co
   fold{k}/                       train.py's run directory of fold k (train.py --num-folds K --fold k)
   fold{k}/oof_predictions.json   fold k's best checkpoint on fold k's validation split (COCO results)
   fold{k}/val_gt.json            that split's ground truth
-  fold{k}/fold.json              written when fold k is done: best epoch and metrics, image ids
+  fold{k}/fold.json              written when fold k is done: best epoch (counted from 1) and metrics, image ids
   oof_gt.json, oof_predictions.json   every image once, predicted by the model that did not see it
   postprocess.json               per-class score thresholds and minimum sizes searched on the OOF
                                  (evaluate.py --search's search; predict.py --postprocess reads it)
@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 from engine import distributed  # noqa: E402
-from engine.checkpoint import load_checkpoint  # noqa: E402
+from engine.checkpoint import last_trained_epoch, load_checkpoint  # noqa: E402
 from engine.config import ConfigError, TrainConfig  # noqa: E402
 from engine.evaluation import evaluate_checkpoint, headline  # noqa: E402
 from engine.logging import setup_logging  # noqa: E402
@@ -149,6 +149,7 @@ def train_fold(args: argparse.Namespace, exp_dir: Path, fold: int, num_folds: in
     report, results = evaluate_checkpoint(str(checkpoint), config["dataset"], {"data_path": config["data_path"]},
                                           config.get("device", "auto"), int(config["batch_size"]), None,
                                           workers=int(config["workers"]))
+    best_epoch = last_trained_epoch(int(state["epoch"]), int(state["iteration"])) + 1   # counted from 1
     if is_main:
         options = TrainConfig.from_dict(config).data_options()
         gt = build_dataset(config["dataset"], "val", options, None).coco_gt()
@@ -157,10 +158,10 @@ def train_fold(args: argparse.Namespace, exp_dir: Path, fold: int, num_folds: in
         write_json_atomic(fold_dir / "fold.json", {
             "fold": fold, "num_folds": num_folds, "checkpoint": checkpoint.name,
             "best_metric": config["best_metric"], "best_value": state.get("best_value"),
-            "best_epoch": int(state["epoch"]), "best_metrics": state.get("metrics", {}),
+            "best_epoch": best_epoch, "best_metrics": state.get("metrics", {}),
             "oof": headline(report), "val_image_ids": [img["id"] for img in gt["images"]]})
         log.info("fold %d done: %s %s at epoch %d; OOF predictions → %s", fold, config["best_metric"],
-                 state.get("best_value"), int(state["epoch"]), fold_dir / "oof_predictions.json")
+                 state.get("best_value"), best_epoch, fold_dir / "oof_predictions.json")
     distributed.barrier()
 
 
