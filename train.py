@@ -29,13 +29,13 @@ from datasets.statistics import check_objects, recommend_sizes, resize_factor, s
 from engine import distributed  # noqa: E402
 from engine.budget import format_duration, parse_duration  # noqa: E402
 from engine.checkpoint import CheckpointError, find_latest, last_trained_epoch, load_for_resume  # noqa: E402
-from engine.config import BEST_METRICS, ConfigError, TrainConfig, resolve_config  # noqa: E402
+from engine.config import BEST_METRICS, ConfigError, TrainConfig, resolve_config, with_predating  # noqa: E402
 from engine.data import TrainBatchSampler, aspect_ratio_groups, eval_loader, train_loader  # noqa: E402
 from engine.evaluation import Validation, headline  # noqa: E402
 from engine.logging import setup_logging  # noqa: E402
 from engine.optim import build_lr_scheduler, build_optimizer, plan_schedule  # noqa: E402
 from engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted  # noqa: E402
-from models import WeightsError, build_model, model_names  # noqa: E402
+from models import HEAD_NORMS, WeightsError, build_model, model_names  # noqa: E402
 from transforms import PRESETS, build_transforms  # noqa: E402
 from transforms.preprocess import CHANNEL_MODES, INTENSITY_POLICIES, Preprocessing, image_channels  # noqa: E402
 from utils.io import WRITE_REFUSALS, OutputError, remove_stale_temp_files, write_json_atomic  # noqa: E402
@@ -116,6 +116,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--weights", default=S, help="full-model weights: torchvision name (DEFAULT, COCO_V1) or file")
     g.add_argument("--weights-backbone", default=S, help="backbone weights: torchvision name (DEFAULT) or file")
     g.add_argument("--trainable-backbone-layers", type=int, default=S, help="0..5")
+    g.add_argument("--head-norm", choices=HEAD_NORMS, default=S,
+                   help="BatchNorm in the FPN and mask head (default: batch for the R18/R34 models, which train "
+                        "from scratch; none for R50-FPN, torchvision's layout; the v2 model always has it)")
     g.add_argument("--input-scale", type=float, default=S,
                    help="resize every input by this factor, crops and whole images alike (default: from the data's "
                         "object sizes unless --min-size/--max-size/--anchor-sizes are given)")
@@ -383,9 +386,10 @@ def main(args: argparse.Namespace, started: float | None = None,
     if state is None:
         config = resolve_from_data(config, pinned, train_set)
     else:   # the data decided these (and --max-time the length) when the run started; the checkpoint keeps them
-        saved = state.get("config", {})
+        saved = with_predating(state.get("config", {}))
         config = dataclasses.replace(config, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()
-                                                if k in (*GEOMETRY_KEYS, *CAP_KEYS, "channels", "model", "max_time")
+                                                if k in (*GEOMETRY_KEYS, *CAP_KEYS, "channels", "model", "head_norm",
+                                                         "max_time")
                                                 and k not in pinned})
     contract = Preprocessing.from_config(config.to_dict())
     train_set.transforms = build_transforms(config.data_augmentation, True, contract)

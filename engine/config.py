@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from models.zoo import ModelOptions
+from models.zoo import ModelOptions, check_model_name
 
 
 class ConfigError(ValueError):
@@ -87,12 +87,23 @@ class TrainConfig(ModelOptions):
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """The config ``to_dict`` wrote; a checkpoint's from before a field existed gets what that
+        field's absence meant (``PREDATING``), not today's default."""
         known = {f.name: f for f in fields(cls)}
         kwargs = {}
-        for k, v in values.items():
+        for k, v in with_predating(values).items():
             if k in known:
                 kwargs[k] = tuple(v) if isinstance(v, list) else v
         return cls(**kwargs)
+
+
+# Fields added after checkpoints were written whose default is not what those checkpoints did.
+PREDATING = {"head_norm": "none"}   # models before --head-norm had no norm in the FPN / mask head
+
+
+def with_predating(saved: dict[str, Any]) -> dict[str, Any]:
+    """A stored config with ``PREDATING`` values for the fields it predates."""
+    return {**PREDATING, **saved}
 
 
 def json_ready(value):
@@ -142,6 +153,8 @@ def resolved_defaults(c: TrainConfig) -> dict[str, Any]:
             out[key] = value
     if c.model is None:
         out["model"] = DEVICE_MODELS[device_kind(c.device)]
+    if c.head_norm is None:
+        out["head_norm"] = check_model_name(out.get("model", c.model)).head_norm
     return out
 
 
@@ -150,12 +163,13 @@ def validate(c: TrainConfig) -> None:
         if not condition:
             raise ConfigError(message)
 
-    from models.zoo import check_model_name
     if c.model is not None:
         try:
-            check_model_name(c.model)
+            variant = check_model_name(c.model)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        need(not (variant.v2 and c.head_norm == "none"),
+             f"--head-norm none: {c.model} is built with BatchNorm in its heads; choose another --model")
     try:
         c.model_options().check()   # the model's options are checked where they are declared
     except ValueError as exc:

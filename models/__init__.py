@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from models.weights import WeightsError, load_matching, read_state_dict
-from models.zoo import ModelOptions, assemble_model, check_model_name, model_names
+from models.zoo import HEAD_NORMS, ModelOptions, assemble_model, check_model_name, model_names
 
 
 def build_model(name: str, num_classes: int, options: ModelOptions | None = None,
@@ -30,4 +30,4 @@ def build_model(name: str, num_classes: int, options: ModelOptions | None = None
     return model
 
 
-__all__ = ["ModelOptions", "WeightsError", "build_model", "model_names"]
+__all__ = ["HEAD_NORMS", "ModelOptions", "WeightsError", "build_model", "model_names"]

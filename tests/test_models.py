@@ -96,3 +96,36 @@ def test_mask_targets_from_matched_instances_equal_torchvisions(monkeypatch):
     assert seen["ours"][0][0] < seen["torchvision"][0][0]   # and that is fewer than all of them
     # The caller's targets are not touched.
     assert targets[0]["masks"].shape[0] == 60
+
+
+def _has_norm(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+
+
+@pytest.mark.parametrize("name, expected", [("maskrcnn_resnet18_fpn", True), ("maskrcnn_resnet50_fpn", False)])
+def test_head_norm_defaults_per_variant_and_flag_overrides(name, expected):
+    model = build_model(name, 1)
+    assert _has_norm(model.backbone.fpn) is expected and _has_norm(model.roi_heads.mask_head) is expected
+    flipped = build_model(name, 1, ModelOptions(head_norm="none" if expected else "batch"))
+    assert _has_norm(flipped.backbone.fpn) is not expected and _has_norm(flipped.roi_heads.mask_head) is not expected
+    with pytest.raises(ValueError, match="--head-norm"):
+        build_model(name, 1, ModelOptions(head_norm="group"))
+
+
+def test_checkpoint_config_from_before_head_norm_rebuilds_its_model(tmp_path):
+    """A config stored before --head-norm existed means heads without norm: the model rebuilt from
+    it takes the old weights, while today's default for the same model would not."""
+
+    from engine.config import ConfigError, TrainConfig, resolve_config
+
+    old = build_model("maskrcnn_resnet18_fpn", 1, ModelOptions(head_norm="none")).state_dict()
+    saved = {k: v for k, v in TrainConfig(model="maskrcnn_resnet18_fpn").to_dict().items() if k != "head_norm"}
+    config = TrainConfig.from_dict(saved)
+    assert config.head_norm == "none"
+    build_model(config.model, 1, config.model_options()).load_state_dict(old)            # strict: same layout
+    today = resolve_config({"model": "maskrcnn_resnet18_fpn"}, {})
+    assert today.head_norm == "batch"
+    with pytest.raises(RuntimeError, match="Missing key"):
+        build_model(today.model, 1, today.model_options()).load_state_dict(old)
+    with pytest.raises(ConfigError, match="--head-norm none"):
+        resolve_config({"model": "maskrcnn_resnet50_fpn_v2", "head_norm": "none"}, {})
