@@ -19,8 +19,9 @@ Both are scored on the validation split with the same maxDets (the trainer's). I
 training steps only (from the first to the last step, data waits included; evaluation excluded).
 
 The ablation times one fixed batch through the torchvision configuration with the trainer's
-changes added one at a time (native scale from the data, fewer sampled RoIs, RPN top-k, fused
-optimizer); variants run interleaved, round after round, so a machine that slows down slows all.
+changes added one at a time (native scale from the data, fewer sampled RoIs, RPN top-k, mask targets
+from the matched instances, BatchNorm in the FPN and mask head, the optimizer, its fused
+kernels); variants run interleaved, round after round, so a machine that slows down slows all.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ import torch  # noqa: E402
 TORCHVISION_OPTIONS = dict(min_size=800, max_size=1333, input_scale=None, anchor_sizes=(32, 64, 128, 256, 512),
                            detections_per_img=100, rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=2000,
                            rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000,
-                           box_batch_size_per_image=512)
+                           box_batch_size_per_image=512, head_norm="none")
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -73,12 +74,19 @@ def trainer_config(train_flags: list[str]):
     return config, options
 
 
-def torchvision_model(config, num_classes: int, **changes):
+def torchvision_model(config, num_classes: int, matched_mask_targets: bool = False, **changes):
+    """The trainer's model class with torchvision's settings, ``changes`` applied; torchvision's
+    own ``RoIHeads`` unless ``matched_mask_targets`` (``models/roi_heads.py``)."""
     import dataclasses
+
+    from torchvision.models.detection.roi_heads import RoIHeads
 
     from models.zoo import ModelOptions, assemble_model
     options = dataclasses.replace(ModelOptions(), **{**TORCHVISION_OPTIONS, **changes})
-    return assemble_model(config.model, num_classes, options, pretrained=False)
+    model = assemble_model(config.model, num_classes, options, pretrained=False)
+    if not matched_mask_targets:
+        model.roi_heads.__class__ = RoIHeads
+    return model
 
 
 def references_schedule(optimizer, steps: int, iters_per_epoch: int):
@@ -182,6 +190,8 @@ def ablation(config, options: dict, rounds: int) -> list[dict]:
         (f"+ RPN top-k {config.rpn_pre_nms_top_n_train} in training",
          {"rpn_pre_nms_top_n_train": config.rpn_pre_nms_top_n_train,
           "rpn_post_nms_top_n_train": config.rpn_post_nms_top_n_train}, False),
+        ("+ mask targets from the matched instances only", {"matched_mask_targets": True}, False),
+        (f"+ --head-norm {config.head_norm} (FPN and mask head)", {"head_norm": config.head_norm}, False),
         (f"+ the trainer's optimizer ({config.opt}), per-tensor kernels", {}, "plain"),
         ("+ fused optimizer kernels", {}, "fused"),
     ]

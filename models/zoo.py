@@ -22,6 +22,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from models.roi_heads import use_matched_mask_targets
+from models.rpn import use_chunked_anchor_matching
 from models.scale import ScaleTransform
 
 
@@ -169,6 +170,7 @@ def assemble_model(name: str, num_classes: int, options: ModelOptions, pretraine
         box_detections_per_img=options.detections_per_img,
         box_batch_size_per_image=options.box_batch_size_per_image, **extra)
     use_matched_mask_targets(model.roi_heads)
+    use_chunked_anchor_matching(model.rpn)
     if options.input_scale is not None:
         model.transform = ScaleTransform(options.input_scale, model.transform.image_mean, model.transform.image_std)
     return model

@@ -129,3 +129,37 @@ def test_checkpoint_config_from_before_head_norm_rebuilds_its_model(tmp_path):
         build_model(today.model, 1, today.model_options()).load_state_dict(old)
     with pytest.raises(ConfigError, match="--head-norm none"):
         resolve_config({"model": "maskrcnn_resnet50_fpn_v2", "head_norm": "none"}, {})
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 7_000, 1 << 22])
+def test_chunked_anchor_matching_equals_torchvisions(chunk_elements, monkeypatch):
+    """The RPN's anchor labels and matched boxes, computed a few objects at a time, are bit for bit
+    those of torchvision's full IoU matrix: dense boxes, exact duplicates (ties), a background image."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    import models.rpn as rpn_module
+
+    monkeypatch.setattr(rpn_module, "CHUNK_ELEMENTS", chunk_elements)
+    model = build_model("maskrcnn_resnet18_fpn", 1, ModelOptions(input_scale=1.0, anchor_sizes=(8, 16, 32, 64, 128)))
+    assert type(model.rpn) is rpn_module.ChunkedMatchingRPN
+    generator = torch.Generator().manual_seed(5)
+    dense = _dense_targets(generator, 128, 150)["boxes"]
+    dense = torch.cat([dense, dense[:10]])                 # exact duplicates: IoU ties between objects
+    targets = [{"boxes": dense}, {"boxes": torch.zeros(0, 4)}, {"boxes": torch.tensor([[3.0, 4.0, 9.5, 30.0]])}]
+    images = ImageList(torch.zeros(3, 3, 128, 128), [(128, 128)] * 3)
+    features = [torch.zeros(3, 1, 128 // s, 128 // s) for s in (4, 8, 16, 32, 64)]
+    anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 5)(images, features)
+    ours = model.rpn.assign_targets_to_anchors(anchors, targets)
+    reference = RegionProposalNetwork.assign_targets_to_anchors(model.rpn, anchors, targets)
+    for got, expected in zip(ours, reference):
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+    labels = ours[0][0]
+    assert (labels == 1).sum() > 150 and (labels == -1).any() and (labels == 0).any()
+    # The matched indices too (duplicates make ties: torchvision keeps the lower index).
+    from torchvision.ops import box_iou
+    matcher = model.rpn.proposal_matcher
+    assert torch.equal(rpn_module.match_anchors(dense, anchors[0], matcher, chunk_elements),
+                       matcher(box_iou(dense, anchors[0])))
