@@ -20,7 +20,7 @@ training steps only (from the first to the last step, data waits included; evalu
 
 The ablation times one fixed batch through the torchvision configuration with the trainer's
 changes added one at a time (native scale from the data, fewer sampled RoIs, RPN top-k, mask targets
-from the matched instances, BatchNorm in the FPN and mask head, the optimizer, its fused
+from the matched instances, banded anchor matching, BatchNorm in the FPN and mask head, the optimizer, its fused
 kernels); variants run interleaved, round after round, so a machine that slows down slows all.
 """
 from __future__ import annotations
@@ -74,18 +74,23 @@ def trainer_config(train_flags: list[str]):
     return config, options
 
 
-def torchvision_model(config, num_classes: int, matched_mask_targets: bool = False, **changes):
+def torchvision_model(config, num_classes: int, matched_mask_targets: bool = False, banded_matching: bool = False,
+                      **changes):
     """The trainer's model class with torchvision's settings, ``changes`` applied; torchvision's
-    own ``RoIHeads`` unless ``matched_mask_targets`` (``models/roi_heads.py``)."""
+    own ``RoIHeads`` unless ``matched_mask_targets`` (``models/roi_heads.py``) and its own RPN
+    unless ``banded_matching`` (``models/rpn.py``)."""
     import dataclasses
 
     from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork
 
     from models.zoo import ModelOptions, assemble_model
     options = dataclasses.replace(ModelOptions(), **{**TORCHVISION_OPTIONS, **changes})
     model = assemble_model(config.model, num_classes, options, pretrained=False)
     if not matched_mask_targets:
         model.roi_heads.__class__ = RoIHeads
+    if not banded_matching:
+        model.rpn.__class__ = RegionProposalNetwork
     return model
 
 
@@ -191,6 +196,7 @@ def ablation(config, options: dict, rounds: int) -> list[dict]:
          {"rpn_pre_nms_top_n_train": config.rpn_pre_nms_top_n_train,
           "rpn_post_nms_top_n_train": config.rpn_post_nms_top_n_train}, False),
         ("+ mask targets from the matched instances only", {"matched_mask_targets": True}, False),
+        ("+ anchor matching band by band", {"banded_matching": True}, False),
         (f"+ --head-norm {config.head_norm} (FPN and mask head)", {"head_norm": config.head_norm}, False),
         (f"+ the trainer's optimizer ({config.opt}), per-tensor kernels", {}, "plain"),
         ("+ fused optimizer kernels", {}, "fused"),
