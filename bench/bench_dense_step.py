@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -117,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ours / torchvision: {ours['s_per_step'] / tv['s_per_step']:.2f}× the time, "
           f"{ours['peak_rss_gib'] / tv['peak_rss_gib']:.2f}× the peak RSS")
     if args.out:
-        record = {"benchmark": "dense_step", "scale": args.scale, "cpu": platform.processor() or "",
+        from bench.bench_train import cpu_name
+        record = {"benchmark": "dense_step", "scale": args.scale, "cpu": cpu_name(),
                   "cpu_count": os.cpu_count(), "arms": rows}
         args.out.write_text(json.dumps(record, indent=2))
     return 0
