@@ -443,6 +443,13 @@ class Trainer:
     def _fix_budget(self, seconds_per_step: float) -> None:
         reserve = self._estimate_eval_seconds()
         self._eval_reserve = reserve
+        left = self.deadline - time.time()
+        if reserve >= left:
+            log.warning("time budget %s: the final evaluation alone takes about %s, more than the %s left; the "
+                        "run trains one more step and ends about %s late. Give a longer --max-time, or validate on "
+                        "fewer images (--val-path, --val-fraction)", format_duration(self.config.max_time),
+                        format_duration(reserve), format_duration(max(left, 0.0)),
+                        format_duration(reserve - left + seconds_per_step))
         self._plan_for_budget(seconds_per_step)
         log.info("time budget: %.2f s/step measured, final evaluation estimated at %s → %s", seconds_per_step,
                  format_duration(reserve), self.schedule.describe(self.config.lr))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -44,20 +45,22 @@ def report(ap: float) -> dict:
     return {"coco": {"segm": {"AP": ap, "AP50": ap, "AP75": ap}}, "sartorius": {"score": ap}}
 
 
-def make_trainer(run_dir, total_iters=6, evaluate_fn=lambda epoch: report(0.5), after_step=(), workers=0):
+def make_trainer(run_dir, total_iters=6, evaluate_fn=lambda epoch: report(0.5), after_step=(), workers=0,
+                 max_time=None, eval_seconds=lambda: 0.0):
     config = TrainConfig(epochs=2, eval_every=1, batch_size=BATCH, print_freq=1, lr=0.1, weight_decay=0.0,
-                         warmup_iters=0, model="maskrcnn_resnet18_fpn", workers=workers)
+                         warmup_iters=0, model="maskrcnn_resnet18_fpn", workers=workers, max_time=max_time)
     sampler = TrainBatchSampler([0] * IMAGES, BATCH, config.seed)
     model = Toy()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
-    schedule = plan_schedule(config, len(sampler), total_iters)
+    schedule = plan_schedule(config, len(sampler), total_iters, fixed=max_time is None)
     run_dir.mkdir(parents=True, exist_ok=True)
     return Trainer(config, model=model, model_without_ddp=model, optimizer=optimizer,
                    lr_scheduler=build_lr_scheduler(optimizer, schedule),
                    scaler=torch.amp.GradScaler("cuda", enabled=False), schedule=schedule, class_names=["cell"],
                    train_loader=train_loader(ToyData(), sampler, config.seed, workers), batch_sampler=sampler,
-                   evaluate_fn=evaluate_fn, eval_seconds=lambda: 0.0, device=torch.device("cpu"),
-                   dist_info=DistInfo(), run_dir=run_dir, after_step=after_step)
+                   evaluate_fn=evaluate_fn, eval_seconds=eval_seconds, device=torch.device("cpu"),
+                   dist_info=DistInfo(), run_dir=run_dir, after_step=after_step,
+                   deadline=None if max_time is None else time.time() + max_time)
 
 
 def read_jsonl(path):
@@ -146,3 +149,14 @@ def test_after_step_hooks_see_every_step_and_can_stop_the_run(tmp_path):
     assert calls == [(0, 1, 1), (0, 2, 2), (0, 3, 3), (1, 1, 4), (1, 2, 5)]
     state = load_checkpoint(stopped.value.checkpoint)
     assert (state["epoch"], state["iteration"], state["global_step"]) == (1, 2, 5)
+
+
+def test_a_final_evaluation_longer_than_the_budget_is_announced(tmp_path, caplog):
+    """--max-time shorter than one evaluation (a large validation set on a CPU): the run says so
+    when it fixes its length, with how late it will end and what to change, and still finishes."""
+    trainer = make_trainer(tmp_path, total_iters=30, max_time=30.0, eval_seconds=lambda: 300.0)
+    with caplog.at_level("WARNING", logger="trainer"):
+        trainer.train()
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "the final evaluation alone takes about 5m00s" in message and "--max-time" in message
+    assert (tmp_path / "last.pth").exists()
