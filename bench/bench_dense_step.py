@@ -51,7 +51,6 @@ def run_arm(arm: str, data: Path, scale: float, steps: int) -> dict:
     from transforms import build_transforms
     from transforms.preprocess import Preprocessing
 
-    torch.set_num_threads(os.cpu_count() or 1)
     dataset = build_dataset("folder", "train", {"data_path": str(data)},
                             build_transforms("none", True, Preprocessing("percentile", "rgb")))
     counts = statistics_from_coco(dataset.coco_gt()).objects_per_image

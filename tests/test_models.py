@@ -112,7 +112,7 @@ def test_head_norm_defaults_per_variant_and_flag_overrides(name, expected):
         build_model(name, 1, ModelOptions(head_norm="group"))
 
 
-def test_checkpoint_config_from_before_head_norm_rebuilds_its_model(tmp_path):
+def test_checkpoint_config_from_before_head_norm_rebuilds_its_model():
     """A config stored before --head-norm existed means heads without norm: the model rebuilt from
     it takes the old weights, while today's default for the same model would not."""
 
