@@ -13,13 +13,14 @@ trainer differs from torchvision:
   ``1000 × scale``, interpolating every ground-truth mask as a full-size float tensor, and
   torchvision's ``RoIHeads`` cut the 28×28 mask targets from a float copy of all masks;
 - **ours**: ``ScaleTransform`` (``models/scale.py``: masks resized box by box, nothing at scale 1)
-  and ``MatchedMaskRoIHeads`` (``models/roi_heads.py``: only the matched instances' masks).
+  and ``MatchedMaskRoIHeads`` (``models/roi_heads.py``: only the matched instances' masks,
+  sampled pixel-aligned).
 
 Each arm runs in its own process (so peak RSS is its own): one warm-up step, then ``--steps``
 timed steps; seconds per step (median) and the process's peak RSS are printed and, with
-``--out``, written as JSON. The 28×28 targets of both heads are bit-identical for the same
-resized masks (tests/test_models.py); the two resizes differ by design in the pixel convention
-(nearest vs nearest-exact), so the masks they start from are not bit-identical at scale ≠ 1.
+``--out``, written as JSON. The 28×28 targets of the two heads differ by design in where they
+sample (``aligned=True`` against torchvision's ``aligned=False``, the same work), and so do the
+two resizes (nearest vs nearest-exact) at scale ≠ 1.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ training steps only (from the first to the last step, data waits included; evalu
 
 The ablation times one fixed batch through the torchvision configuration with the trainer's
 changes added one at a time (native scale from the data, fewer sampled RoIs, RPN top-k, mask targets
-from the matched instances, banded anchor matching, BatchNorm in the FPN and mask head, the optimizer, its fused
+from the matched instances (pixel-aligned), banded anchor matching, BatchNorm in the FPN and mask head, the optimizer, its fused
 kernels); variants run interleaved, round after round, so a machine that slows down slows all.
 """
 from __future__ import annotations
@@ -195,7 +195,7 @@ def ablation(config, options: dict, rounds: int) -> list[dict]:
         (f"+ RPN top-k {config.rpn_pre_nms_top_n_train} in training",
          {"rpn_pre_nms_top_n_train": config.rpn_pre_nms_top_n_train,
           "rpn_post_nms_top_n_train": config.rpn_post_nms_top_n_train}, False),
-        ("+ mask targets from the matched instances only", {"matched_mask_targets": True}, False),
+        ("+ mask targets from the matched instances only, pixel-aligned", {"matched_mask_targets": True}, False),
         ("+ anchor matching band by band", {"banded_matching": True}, False),
         (f"+ --head-norm {config.head_norm} (FPN and mask head)", {"head_norm": config.head_norm}, False),
         (f"+ the trainer's optimizer ({config.opt}), per-tensor kernels", {}, "plain"),

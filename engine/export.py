@@ -97,7 +97,10 @@ def _load(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any
 
 def export_torchscript(checkpoint: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     """Script the detector and save it (with the record inside and beside it) → the record."""
+    from models.zoo import with_torchvision_classes
+
     model, state = _load(checkpoint)
+    with_torchvision_classes(model)         # same inference; the trainer's subclasses do not script
     record = export_record(state, model, "torchscript")
     try:
         scripted = torch.jit.script(SingleImageDetector(model).eval())

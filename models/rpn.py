@@ -12,8 +12,7 @@ reaches an object's best IoU keeps its best object) in a second pass. IoUs are c
 by element by ``box_iou`` either way, so labels and matched boxes are bit for bit torchvision's
 (tests/test_models.py compares them).
 
-No ``from __future__ import annotations``: TorchScript compiles the unused training method's
-signature from real annotations (tools/export.py).
+TorchScript export switches the RPN back to torchvision's class (``models.zoo.with_torchvision_classes``).
 """
 
 from typing import Dict, List, Tuple
@@ -72,7 +71,6 @@ def match_anchors(gt_boxes: Tensor, anchors: Tensor, matcher: Matcher, chunk_ele
 class ChunkedMatchingRPN(RegionProposalNetwork):
     """``RegionProposalNetwork`` whose training targets come from ``match_anchors``."""
 
-    @torch.jit.unused   # training only; the exported (scripted) inference path never matches anchors
     def assign_targets_to_anchors(self, anchors: List[Tensor], targets: List[Dict[str, Tensor]]
                                   ) -> Tuple[List[Tensor], List[Tensor]]:
         labels, matched_gt_boxes = [], []

@@ -17,7 +17,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -173,6 +174,19 @@ def assemble_model(name: str, num_classes: int, options: ModelOptions, pretraine
     use_chunked_anchor_matching(model.rpn)
     if options.input_scale is not None:
         model.transform = ScaleTransform(options.input_scale, model.transform.image_mean, model.transform.image_std)
+    return model
+
+
+def with_torchvision_classes(model: MaskRCNN) -> MaskRCNN:
+    """Switch the RPN and RoI heads back to torchvision's classes in place, for TorchScript.
+
+    ``build_model`` gives them subclasses that change only how training targets are built
+    (``models/rpn.py``, ``models/roi_heads.py``); they hold no state of their own and infer with
+    torchvision's code, but TorchScript compiles every ``forward`` it meets and cannot compile the
+    training pass's ``super()`` call. The model still trains afterwards, with torchvision's targets.
+    """
+    model.rpn.__class__ = RegionProposalNetwork
+    model.roi_heads.__class__ = RoIHeads
     return model
 
 

@@ -52,14 +52,16 @@ def _dense_targets(generator: torch.Generator, size: int, count: int) -> dict:
     return {"boxes": boxes, "labels": torch.randint(1, 3, (count,), generator=generator), "masks": masks}
 
 
-def test_mask_targets_from_matched_instances_equal_torchvisions(monkeypatch):
-    """The trainer's RoIHeads hand only the matched instances' masks to the mask loss; the 28×28
-    targets and every loss stay bit for bit those of torchvision's RoIHeads on dense images."""
+def test_mask_targets_from_matched_instances_are_torchvisions_sampled_pixel_aligned(monkeypatch):
+    """The trainer's RoIHeads hand only the matched instances' masks to the mask loss and sample
+    them with ``aligned=True``; every loss is bit for bit that of torchvision's RoIHeads whose
+    ``project_masks_on_boxes`` samples the full ground-truth stack the same way, and the box
+    losses equal torchvision's unchanged ones."""
     import copy
 
     import torchvision.models.detection.roi_heads as tv_heads
 
-    from models.roi_heads import MatchedMaskRoIHeads
+    import models.roi_heads as our_heads
 
     generator = torch.Generator().manual_seed(3)
     images = [torch.rand(3, 96, 96, generator=generator) for _ in range(3)]
@@ -68,34 +70,73 @@ def test_mask_targets_from_matched_instances_equal_torchvisions(monkeypatch):
                 "masks": torch.zeros(0, 96, 96, dtype=torch.uint8)}]
     model = build_model("maskrcnn_resnet18_fpn", 2, ModelOptions(input_scale=1.0, anchor_sizes=(8, 16, 32, 64, 128),
                                                                  box_batch_size_per_image=64))
-    assert type(model.roi_heads) is MatchedMaskRoIHeads
+    assert type(model.roi_heads) is our_heads.MatchedMaskRoIHeads
     reference = copy.deepcopy(model)
     reference.roi_heads.__class__ = tv_heads.RoIHeads
 
-    seen: dict[str, list] = {"ours": [], "torchvision": []}
-    original = tv_heads.project_masks_on_boxes
+    seen: dict[str, list] = {"ours": [], "aligned torchvision": [], "torchvision": []}
+    aligned, original = our_heads.aligned_mask_targets, tv_heads.project_masks_on_boxes
 
-    def recording(gt_masks, boxes, matched_idxs, size):
-        out = original(gt_masks, boxes, matched_idxs, size)
-        seen[current].append((len(gt_masks), out))
-        return out
+    def recording(function):
+        def record(gt_masks, boxes, matched_idxs, size):
+            out = function(gt_masks, boxes, matched_idxs, size)
+            seen[current].append((len(gt_masks), out))
+            return out
+        return record
 
-    monkeypatch.setattr(tv_heads, "project_masks_on_boxes", recording)
+    monkeypatch.setattr(our_heads, "aligned_mask_targets", recording(aligned))
     losses = {}
-    for current, net in (("ours", model), ("torchvision", reference)):
+    for current, net, targets_fn in (("ours", model, None), ("aligned torchvision", reference, aligned),
+                                     ("torchvision", reference, original)):
+        if targets_fn is not None:
+            monkeypatch.setattr(tv_heads, "project_masks_on_boxes", recording(targets_fn))
         net.train()
         torch.manual_seed(0)
         losses[current] = net(images, [dict(t) for t in targets])
-    for key, value in losses["torchvision"].items():
+    for key, value in losses["aligned torchvision"].items():
         assert torch.equal(losses["ours"][key], value), key
-    assert len(seen["ours"]) == len(seen["torchvision"]) == 3
-    for (ours_n, ours), (tv_n, tv) in zip(seen["ours"], seen["torchvision"]):
+    for key, value in losses["torchvision"].items():
+        assert torch.equal(losses["ours"][key], value) is (key != "loss_mask"), key
+    assert len(seen["ours"]) == len(seen["aligned torchvision"]) == 3
+    for (ours_n, ours), (tv_n, tv), (_, unaligned) in zip(seen["ours"], seen["aligned torchvision"], seen["torchvision"]):
         assert torch.equal(ours, tv)
-        assert ours.shape[0] == 0 or ours.amax() > 0.5      # real targets, not empty ones
+        assert ours.shape[0] == 0 or (ours.amax() > 0.5 and not torch.equal(ours, unaligned))  # real targets
         assert ours_n <= min(tv_n, ours.shape[0])           # only matched instances reach the float copy
-    assert seen["ours"][0][0] < seen["torchvision"][0][0]   # and that is fewer than all of them
+    assert seen["ours"][0][0] < seen["aligned torchvision"][0][0]   # and that is fewer than all of them
     # The caller's targets are not touched.
     assert targets[0]["masks"].shape[0] == 60
+
+
+def _centroids(masks) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(masks.shape[1]), torch.arange(masks.shape[2]), indexing="ij")
+    weights = torch.as_tensor(masks).float()
+    area = weights.sum((1, 2))
+    return torch.stack([(weights * yy).sum((1, 2)) / area, (weights * xx).sum((1, 2)) / area], 1)
+
+
+def test_mask_targets_pasted_back_reproduce_the_ground_truth():
+    """A perfect mask head predicts its targets: pasted into the image with the predictor's paste,
+    the targets of each object's own box must give the object back, neither shifted nor grown.
+    torchvision's ``aligned=False`` sampling shifts nucleus-sized objects by a third of a pixel."""
+    import torchvision.models.detection.roi_heads as tv_heads
+
+    from models.roi_heads import aligned_mask_targets
+    from utils.box_masks import paste_masks_in_boxes
+
+    generator = torch.Generator().manual_seed(0)
+    target = _dense_targets(generator, 128, 40)
+    masks, boxes = target["masks"], target["boxes"]
+    index = torch.arange(len(masks))
+    results = {}
+    for name, sample in (("aligned", aligned_mask_targets), ("torchvision", tv_heads.project_masks_on_boxes)):
+        pasted = torch.from_numpy(paste_masks_in_boxes(sample(masks, boxes, index, 28), boxes, 128, 128).to_dense())
+        inter = (pasted.bool() & masks.bool()).sum((1, 2))
+        union = (pasted.bool() | masks.bool()).sum((1, 2))
+        results[name] = ((inter / union).mean().item(), (_centroids(pasted) - _centroids(masks)).mean(0))
+    iou, shift = results["aligned"]
+    assert iou > 0.85 and shift.abs().max() < 0.1, results   # discs of radius 3-8 px
+    tv_iou, tv_shift = results["torchvision"]
+    assert tv_iou < iou - 0.05 and (tv_shift < -0.25).all(), results
 
 
 def _has_norm(module: torch.nn.Module) -> bool:
