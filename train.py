@@ -14,6 +14,7 @@ PROCESS_START = time.time()   # --max-time counts the whole run, imports include
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -28,10 +29,10 @@ from datasets.registry import parse_option  # noqa: E402
 from datasets.statistics import check_objects, recommend_sizes, resize_factor, statistics_from_coco  # noqa: E402
 from engine import distributed  # noqa: E402
 from engine.budget import format_duration, parse_duration  # noqa: E402
-from engine.checkpoint import CheckpointError, find_latest, last_trained_epoch, load_for_resume  # noqa: E402
+from engine.checkpoint import CheckpointError, find_latest, last_trained_epoch, load_for_resume, set_config_values  # noqa: E402
 from engine.config import BEST_METRICS, ConfigError, TrainConfig, resolve_config, with_predating  # noqa: E402
 from engine.data import TrainBatchSampler, aspect_ratio_groups, eval_loader, train_loader  # noqa: E402
-from engine.evaluation import Validation, headline  # noqa: E402
+from engine.evaluation import TestScaleSearch, Validation, headline  # noqa: E402
 from engine.logging import setup_logging  # noqa: E402
 from engine.optim import build_lr_scheduler, build_optimizer, plan_schedule  # noqa: E402
 from engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted  # noqa: E402
@@ -120,8 +121,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="BatchNorm in the FPN and mask head (default: batch for the R18/R34 models, which train "
                         "from scratch; none for R50-FPN, torchvision's layout; the v2 model always has it)")
     g.add_argument("--input-scale", type=float, default=S,
-                   help="resize every input by this factor, crops and whole images alike (default: from the data's "
-                        "object sizes unless --min-size/--max-size/--anchor-sizes are given)")
+                   help="resize every training input by this factor, crops and whole images alike (default: from "
+                        "the data's object sizes unless --min-size/--max-size/--anchor-sizes are given)")
+    g.add_argument("--input-scale-test", type=float, default=S,
+                   help="resize factor at evaluation and prediction (default: chosen on the validation images at "
+                        "the end of training among 1, 1.25 and 1.5 × the input scale)")
     g.add_argument("--min-size", type=int, default=S, help="torchvision's resize: shorter image side (COCO convention)")
     g.add_argument("--max-size", type=int, default=S, help="torchvision's resize: longer image side cap")
     g.add_argument("--anchor-sizes", type=_ints, default=S,
@@ -231,8 +235,10 @@ def applied_dataset_defaults(args: argparse.Namespace) -> dict:
         defaults.pop("lr", None)
         defaults.pop("weight_decay", None)
     if {"min_size", "max_size"} & set(given):
-        if "input_scale" in given:
-            raise ConfigError("--input-scale replaces --min-size/--max-size: give one or the other")
+        for flag in ("input_scale", "input_scale_test"):
+            if flag in given:
+                raise ConfigError(f"--{flag.replace('_', '-')} is a fixed resize factor, --min-size/--max-size "
+                                  f"torchvision's resize: give one or the other")
         defaults.pop("input_scale", None)   # the user asked for torchvision's resize
     return {k: v for k, v in defaults.items() if given.get(k) is None}
 
@@ -319,6 +325,36 @@ def resolve_from_data(config: TrainConfig, pinned: set[str], train_set) -> Train
             if topics.get(line.split(" ")[0]) in open_keys:
                 log.info("sizes from the data: %s", line)
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def searches_test_scale(config: TrainConfig, pinned: set[str]) -> bool:
+    """Whether the end of this run chooses the test scale on the validation images: a fixed
+    input scale (not torchvision's min/max-size resize) and no --input-scale-test."""
+    return config.input_scale is not None and not config.test_only and "input_scale_test" not in pinned
+
+
+def choose_test_scale(search: TestScaleSearch, config: TrainConfig, report: dict, run_dir: Path,
+                      is_main: bool) -> tuple[TrainConfig, dict]:
+    """Run ``search`` after the final validation (``report``), log it, and store the chosen test
+    scale in the run's config.json and checkpoints; the report at that scale replaces ``report``
+    in eval_report.json. → ``(config, report)``."""
+    started = time.time()
+    epoch = -1
+    if is_main and (run_dir / "eval_report.json").is_file():
+        epoch = json.loads((run_dir / "eval_report.json").read_text()).get("epoch", -1)
+    scale, report, numbers = search(epoch, report)
+    tried = ", ".join(f"×{f:g} {n.get(config.best_metric, float('nan')):.4f}" for f, n in numbers.items())
+    log.info("test scale %g (×%g the training scale %g), chosen by %s on %d validation image(s): %s (%.1f s)",
+             scale, scale / config.input_scale, config.input_scale, config.best_metric,
+             len(search.subset.loader.dataset), tried, time.time() - started)
+    config = dataclasses.replace(config, input_scale_test=scale)
+    if is_main:
+        write_json_atomic(run_dir / "config.json", config.to_dict())
+        write_json_atomic(run_dir / "eval_report.json", {"epoch": epoch, "input_scale_test": scale, **report})
+        for name in ("last.pth", "best.pth"):
+            if (run_dir / name).is_file():
+                set_config_values(run_dir / name, input_scale_test=scale)
+    return config, report
 
 
 def _first_image_name(dataset) -> str:
@@ -432,10 +468,17 @@ def main(args: argparse.Namespace, started: float | None = None,
     validation = Validation(model_without_ddp, val, val_set.coco_gt(), device, config.detections_per_img, config.amp,
                             config.sartorius_score_thresh, class_names, dist_info=dist_info,
                             predictions_path=run_dir / "predictions.json" if config.test_only else None)
+    search = None
+    if searches_test_scale(config, pinned) and len(val_set):
+        search = TestScaleSearch(validation, model_without_ddp.transform, config.best_metric)
+    eval_seconds = validation.estimate_seconds
+    if search is not None:   # the budget's final evaluation includes the search
+        def eval_seconds() -> float:
+            return validation.estimate_seconds() * (1 + search.cost())
     trainer = Trainer(config, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer,
                       lr_scheduler=lr_scheduler, scaler=scaler, schedule=schedule, class_names=class_names,
                       train_loader=loader, batch_sampler=batch_sampler,
-                      evaluate_fn=validation, eval_seconds=validation.estimate_seconds,
+                      evaluate_fn=validation, eval_seconds=eval_seconds,
                       device=device, dist_info=dist_info, run_dir=run_dir, deadline=deadline, after_step=after_step)
     if state is not None:
         warn_config_changes(state.get("config", {}), config)
@@ -451,6 +494,8 @@ def main(args: argparse.Namespace, started: float | None = None,
         started = time.time()
         report = trainer.train()
         log.info("training took %.1f s", time.time() - started)
+        if report and search is not None:
+            config, report = choose_test_scale(search, config, report, run_dir, dist_info.is_main)
     if report and dist_info.is_main:
         write_json_atomic(run_dir / "report.json", report)
         flat = headline(report)

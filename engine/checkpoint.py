@@ -124,6 +124,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+def set_config_values(path: str | os.PathLike, **values: Any) -> None:
+    """Rewrite checkpoint ``path`` (atomically) with ``values`` in its stored config: what the end
+    of a run decides for the checkpoints it already wrote (the test scale)."""
+    state = load_checkpoint(path)
+    state["config"] = {**state["config"], **values}
+    save_checkpoint(path, state, keep_previous=False)
+
+
 def load_for_resume(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path]:
     """``(state, path read)``: ``path``, or when it is damaged or missing the previous checkpoint
     kept next to it, with a warning naming both files."""

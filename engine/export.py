@@ -53,8 +53,9 @@ def export_record(state: dict[str, Any], model: torch.nn.Module, fmt: str, examp
     names, what the outputs are and what is fixed."""
     config = state["config"]
     contract = Preprocessing.from_config(config)
-    geometry = ({"input_scale": config["input_scale"]} if config.get("input_scale") is not None
-                else {"min_size": config["min_size"], "max_size": config["max_size"]})
+    # The factor the exported (eval-mode) model resizes by: the test scale when one was chosen.
+    geometry = ({"input_scale": config.get("input_scale_test") or config["input_scale"]}
+                if config.get("input_scale") is not None else {"min_size": config["min_size"], "max_size": config["max_size"]})
     record = {
         "format": fmt,
         "input": "float32 tensor 3×H×W in [0, 1] (one image), made from the stored image by 'preprocessing'",
@@ -127,7 +128,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike,
     import warnings
 
     model, state = _load(checkpoint)
-    scale = state["config"].get("input_scale")
+    scale = state["config"].get("input_scale_test") or state["config"].get("input_scale")
     if scale is not None and scale < 1:
         raise ExportError(f"{checkpoint}: input scale {scale} < 1 shrinks images with an antialiased resize, which "
                           "the ONNX exporter has no operator for; export --format torchscript instead, or "

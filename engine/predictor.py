@@ -196,11 +196,11 @@ def predict_instances(model: torch.nn.Module | Sequence[torch.nn.Module], images
 
 
 def input_scale(model: torch.nn.Module, height: int, width: int) -> float:
-    """The factor the model's transform resizes a ``height×width`` image by: its fixed
-    ``input_scale``, or torchvision's min/max-size rule for this image."""
+    """The factor the model's transform resizes a ``height×width`` image by in eval mode: its
+    fixed test scale, or torchvision's min/max-size rule for this image."""
     transform = unwrap(model).transform
-    if hasattr(transform, "scale"):
-        return float(transform.scale)
+    if hasattr(transform, "test_scale"):
+        return float(transform.test_scale)
     short, long = min(height, width), max(height, width)
     return min(float(transform.min_size[-1]) / short, float(transform.max_size) / long)
 

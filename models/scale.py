@@ -45,12 +45,15 @@ def resize_instance_masks(masks: np.ndarray, boxes: np.ndarray, out_h: int, out_
 
 
 class ScaleTransform(GeneralizedRCNNTransform):
-    """``GeneralizedRCNNTransform`` with a fixed resize factor instead of min/max sizes."""
+    """``GeneralizedRCNNTransform`` with a fixed resize factor instead of min/max sizes:
+    ``scale`` in training, ``test_scale`` (default ``scale``) in eval mode, as Detectron2 has a
+    training and a test size."""
 
-    def __init__(self, scale: float, image_mean, image_std, **kwargs):
+    def __init__(self, scale: float, image_mean, image_std, test_scale: Optional[float] = None, **kwargs):
         # min_size/max_size are unused by resize() below; torchvision's code requires them.
         super().__init__(min_size=1, max_size=1, image_mean=image_mean, image_std=image_std, **kwargs)
         self.scale = float(scale)
+        self.test_scale = float(scale if test_scale is None else test_scale)
 
     def resize(self, image: torch.Tensor,
                target: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
@@ -58,26 +61,27 @@ class ScaleTransform(GeneralizedRCNNTransform):
         # (tools/export.py); the target path runs in Python only (training).
         if torchvision._is_tracing():       # ONNX export: sizes stay graph values (dynamic input size)
             return self._resize_traced(image), target
+        scale = self.scale if self.training else self.test_scale
         h, w = image.shape[-2], image.shape[-1]
-        new_h, new_w = scaled_size(h, w, self.scale)
+        new_h, new_w = scaled_size(h, w, scale)
         if new_h == h and new_w == w:
             return image, target
         image = F.interpolate(image[None], size=[new_h, new_w], mode="bilinear", align_corners=False,
-                              antialias=self.scale < 1)[0]
+                              antialias=scale < 1)[0]
         if target is None:
             return image, target
         return image, self._resize_target(target, h, w, new_h, new_w)
 
     @torch.jit.unused
     def _resize_traced(self, image: torch.Tensor) -> torch.Tensor:
-        """``resize`` of the image under the ONNX tracer: the same sizes (round half to even, as
-        Python's ``round``) computed from the traced shape instead of Python ints."""
-        if self.scale == 1.0:
+        """``resize`` of the image under the ONNX tracer (an eval-mode model): the same sizes (round
+        half to even, as Python's ``round``) computed from the traced shape instead of Python ints."""
+        if self.test_scale == 1.0:
             return image
-        size = [torch.clamp(torch.round(image.shape[d] * torch.tensor(self.scale)), min=1).to(torch.int64)
+        size = [torch.clamp(torch.round(image.shape[d] * torch.tensor(self.test_scale)), min=1).to(torch.int64)
                 for d in (-2, -1)]
         return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
-                             antialias=self.scale < 1)[0]
+                             antialias=self.test_scale < 1)[0]
 
     @torch.jit.unused
     def _resize_target(self, target: Dict[str, torch.Tensor], h: int, w: int, new_h: int,
@@ -95,4 +99,5 @@ class ScaleTransform(GeneralizedRCNNTransform):
         return target
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(scale={self.scale}, mean={self.image_mean}, std={self.image_std})"
+        return (f"{type(self).__name__}(scale={self.scale}, test_scale={self.test_scale}, mean={self.image_mean}, "
+                f"std={self.image_std})")

@@ -38,6 +38,7 @@ class ModelOptions:
     min_size: int = 800               # torchvision's resize, when input_scale is None
     max_size: int = 1333
     input_scale: float | None = None  # set: resize every input by this factor (min/max_size unused)
+    input_scale_test: float | None = None  # the factor at evaluation and prediction; None: input_scale
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)   # one per FPN level
     anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     detections_per_img: int = 100
@@ -59,6 +60,8 @@ class ModelOptions:
 
         need(self.input_scale is None or 0.05 <= self.input_scale <= 20,
              f"--input-scale must be a factor in 0.05..20, got {self.input_scale}")
+        need(self.input_scale_test is None or 0.05 <= self.input_scale_test <= 20,
+             f"--input-scale-test must be a factor in 0.05..20, got {self.input_scale_test}")
         need(self.detections_per_img >= 1, f"--detections-per-img must be ≥ 1, got {self.detections_per_img}")
         need(0 < self.min_size <= self.max_size,
              f"--min-size must be in 1..--max-size, got {self.min_size} > {self.max_size}"
@@ -173,7 +176,8 @@ def assemble_model(name: str, num_classes: int, options: ModelOptions, pretraine
     use_matched_mask_targets(model.roi_heads)
     use_chunked_anchor_matching(model.rpn)
     if options.input_scale is not None:
-        model.transform = ScaleTransform(options.input_scale, model.transform.image_mean, model.transform.image_std)
+        model.transform = ScaleTransform(options.input_scale, model.transform.image_mean, model.transform.image_std,
+                                         test_scale=options.input_scale_test)
     return model
 
 

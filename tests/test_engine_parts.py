@@ -208,6 +208,44 @@ def test_warn_config_changes_names_changed_options_only(caplog):
     assert not caplog.records
 
 
+class _ScoredValidation:
+    """A stand-in for ``engine.evaluation.Validation`` whose score depends on the test scale."""
+
+    def __init__(self, transform, scores: dict[float, float], images: int, calls: list):
+        self.transform, self.scores, self.calls = transform, scores, calls
+        self.loader = type("Loader", (), {"dataset": list(range(images))})()
+
+    def subset(self, max_images: int):
+        return self if len(self.loader.dataset) <= max_images else _ScoredValidation(
+            self.transform, self.scores, max_images, self.calls)
+
+    def __call__(self, epoch: int) -> dict:
+        self.calls.append((len(self.loader.dataset), self.transform.test_scale))
+        score = self.scores[self.transform.test_scale]
+        return {"coco": {"segm": {"AP": score, "AP50": score, "AP75": score}}}
+
+
+@pytest.mark.parametrize("images", [4, 100])
+def test_test_scale_search_keeps_the_best_factor_and_scores_it_on_the_whole_split(images):
+    from engine.evaluation import TestScaleSearch
+    from models.scale import ScaleTransform
+
+    transform = ScaleTransform(2.0, [0.0] * 3, [1.0] * 3)
+    calls: list = []
+    validation = _ScoredValidation(transform, {2.0: 0.1, 2.5: 0.3, 3.0: 0.3}, images, calls)
+    search = TestScaleSearch(validation, transform, "segm_AP", max_images=32)
+    at_training_scale = validation(0)
+    calls.clear()
+    scale, report, numbers = search(0, at_training_scale)
+    assert scale == 2.5 and transform.test_scale == 2.5 and transform.scale == 2.0   # a tie goes to the smaller
+    assert report["coco"]["segm"]["AP"] == 0.3 and numbers[1.0]["segm_AP"] == 0.1
+    if images <= 32:     # the training-scale report is reused; the searched images are the split
+        assert calls == [(images, 2.5), (images, 3.0)] and search.cost() == pytest.approx(1.25 ** 2 + 1.5 ** 2)
+    else:                # 32 images searched at every scale, then the whole split at the chosen one
+        assert calls == [(32, 2.0), (32, 2.5), (32, 3.0), (100, 2.5)]
+        assert search.cost() == pytest.approx(32 / 100 * (1 + 1.25 ** 2 + 1.5 ** 2) + 1.5 ** 2)
+
+
 def test_metrics_writer_keeps_json_lines(tmp_path):
     writer = MetricsWriter(tmp_path, enabled=True)
     writer.write({"type": "train", "loss": 1.5, "epoch": 0}, step=3)

@@ -226,6 +226,45 @@ def test_scale_transform_resizes_by_one_factor_and_maps_back():
     assert torch.equal(same.resize(image, None)[0], image)        # native: nothing resampled
 
 
+def test_a_test_scale_resizes_in_eval_mode_only():
+    t = ScaleTransform(0.5, [0.0] * 3, [1.0] * 3, test_scale=0.75)
+    t.train()
+    assert t.resize(torch.rand(3, 100, 80), None)[0].shape[-2:] == (50, 40)
+    t.eval()
+    assert t.resize(torch.rand(3, 100, 80), None)[0].shape[-2:] == (75, 60)
+    with pytest.raises(train.ConfigError, match="--input-scale-test is a fixed resize factor"):
+        train.config_from_args(train.get_args_parser().parse_args(["--min-size", "96", "--input-scale-test", "1.5"]))
+
+
+def test_folder_run_chooses_its_test_scale_and_every_reader_of_the_checkpoint_uses_it(tmp_path):
+    from engine.checkpoint import build_model_from_checkpoint, load_checkpoint
+    from engine.predictor import Predictor, input_scale
+
+    write_label_folder(str(tmp_path / "data"), 4, 64, 80, count=6, seed=2)
+    common = ["--dataset", "folder", "--data-path", str(tmp_path / "data"), "--val-fraction", "0.25", "--epochs", "1",
+              "--min-epoch-iters", "2", "-b", "2", "-j", "2", "--output-dir", str(tmp_path / "runs")]
+    report = run([*common, "--name", "searched"])
+    run_dir = tmp_path / "runs" / "searched"
+    config = json.loads((run_dir / "config.json").read_text())
+    chosen = config["input_scale_test"]
+    assert chosen in [config["input_scale"] * f for f in (1.0, 1.25, 1.5)]
+    log = (run_dir / "train.log").read_text()
+    assert f"test scale {chosen:g} " in log and "chosen by segm_AP on 1 validation image(s)" in log
+    eval_report = json.loads((run_dir / "eval_report.json").read_text())
+    assert eval_report["input_scale_test"] == chosen and eval_report["coco"] == report["coco"]
+    for name in ("best.pth", "last.pth"):
+        state = load_checkpoint(run_dir / name)
+        assert state["config"]["input_scale_test"] == chosen
+        model, _ = build_model_from_checkpoint(state)
+        assert model.transform.test_scale == chosen and model.transform.scale == config["input_scale"]
+    predictor = Predictor.from_checkpoint(run_dir / "best.pth", device="cpu")
+    assert input_scale(predictor.model, 64, 80) == chosen
+    # A test scale given by the flag is kept, and nothing is searched.
+    run([*common, "--name", "given", "--input-scale-test", "0.9"])
+    assert json.loads((tmp_path / "runs" / "given" / "config.json").read_text())["input_scale_test"] == 0.9
+    assert "test scale" not in (tmp_path / "runs" / "given" / "train.log").read_text()
+
+
 def test_folder_run_takes_sizes_from_the_data(tmp_path):
     write_label_folder(str(tmp_path / "data"), 4, 64, 80, count=6, seed=2)
     run(["--dataset", "folder", "--data-path", str(tmp_path / "data"), "--val-fraction", "0.25", "--epochs", "1",
