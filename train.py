@@ -288,8 +288,9 @@ def make_run_dir(config: TrainConfig, resume_from: Path | None, dist_info) -> Pa
 
 
 def warn_config_changes(saved: dict, config: TrainConfig) -> None:
+    # input_scale_test: what the end of the run chose (it chooses again), unless a flag fixed it.
     ignore = {"resume", "epochs", "output_dir", "name", "print_freq", "workers", "eval_every", "test_only", "device",
-              "max_time"}
+              "max_time", "input_scale_test"}
     now = config.to_dict()
     # A field newer than the checkpoint is no change (anchor_ratios, since TrainConfig took ModelOptions' fields).
     changed = {k: (saved[k], now[k]) for k in now if k not in ignore and k in saved and saved[k] != now[k]}

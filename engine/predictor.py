@@ -29,7 +29,7 @@ import torch
 
 from engine.evaluation import autocast_context
 from engine.inference import detect, unwrap
-from engine.tiling import merge_tiles, tile_grid
+from engine.tiling import merge_tiles, stride_aligned_step, tile_grid
 from transforms.preprocess import Preprocessing, intensity_bounds, to_model_input
 from utils.box_masks import box_masks_to_coco_rle
 from utils.image_files import ImageReadError, decode_image, expand_inputs
@@ -513,10 +513,14 @@ class Predictor:
         converted as the whole image would be."""
         height, width = array.shape[:2]
         bounds = intensity_bounds(array, self.contract)
-        grid = tile_grid(height, width, tile, self.tile_overlap)
+        scale = input_scale(self.model, height, width)
+        align = stride_aligned_step(scale)
+        if align > (tile - self.tile_overlap) // 2:    # a grid that coarse would cost more tiles than it saves
+            align = 1
+        grid = tile_grid(height, width, tile, self.tile_overlap, align)
         bar = Progress(len(grid), enabled=progress, unit=f"tiles of {item.name}", min_total=2)
         parts = []
-        with fixed_scale(self.models, input_scale(self.model, height, width)):
+        with fixed_scale(self.models, scale):
             for first in range(0, len(grid), self.batch_size):
                 batch = grid[first:first + self.batch_size]
                 images = [to_model_input(array[t.y0:t.y1, t.x0:t.x1], self.contract, bounds) for t in batch]

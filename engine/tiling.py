@@ -3,7 +3,9 @@ instances into one set for the whole image, so that a cell crossing a seam is on
 
 Grid: along each axis, tiles of ``tile`` pixels whose starts are spread evenly from 0 to
 ``length - tile`` so that neighbours overlap by at least ``overlap`` pixels (an axis no longer
-than ``tile`` gets one tile). Instances stay box crops in image coordinates throughout
+than ``tile`` gets one tile), rounded down to the model's coarsest stride (``align``): a tile
+cut off the stride grid shifts every anchor and feature against the whole image's by a fraction
+of a cell, and changes the detections far from its sides too. Instances stay box crops in image coordinates throughout
 (``utils.box_masks.BoxMasks``): memory grows with the tile and the instances, not with the image.
 
 Merge (``merge_tiles``), for every pair of overlapping tiles with shared region ``S``:
@@ -47,21 +49,43 @@ class Tile:
     x1: int
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Starts of tiles of ``tile`` pixels covering ``0..length`` with overlaps ≥ ``overlap``."""
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
+    """Starts of tiles of ``tile`` pixels covering ``0..length`` with overlaps ≥ ``overlap``, each
+    a multiple of ``align`` (the last tile then runs to the end: up to ``tile + align - 1`` pixels)."""
     if length <= tile:
         return [0]
-    stride = tile - overlap
+    stride = tile - overlap - (align - 1)     # room for rounding each start down to the grid
+    if stride < 1:
+        raise ValueError(f"tile {tile} too small for overlap {overlap} on a grid of {align} pixels")
     count = int(np.ceil((length - tile) / stride)) + 1
-    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+    return sorted({round(i * (length - tile) / (count - 1)) // align * align for i in range(count)})
 
 
-def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[Tile]:
-    """Row-major tiles over a ``height×width`` image (edge tiles as large as the image allows)."""
+def tile_grid(height: int, width: int, tile: int, overlap: int, align: int = 1) -> list[Tile]:
+    """Row-major tiles over a ``height×width`` image (edge tiles as large as the image allows),
+    starting on multiples of ``align`` pixels (``tile_starts``)."""
     if tile < 1 or not 0 <= overlap < tile:
         raise ValueError(f"tile overlap must be in 0..tile-1, got tile {tile}, overlap {overlap}")
-    return [Tile(y, x, min(y + tile, height), min(x + tile, width))
-            for y in tile_starts(height, tile, overlap) for x in tile_starts(width, tile, overlap)]
+
+    def spans(length: int) -> list[tuple[int, int]]:
+        starts = tile_starts(length, tile, overlap, align)
+        return [(s, length if k == len(starts) - 1 else min(s + tile, length)) for k, s in enumerate(starts)]
+
+    return [Tile(y0, x0, y1, x1) for y0, y1 in spans(height) for x0, x1 in spans(width)]
+
+
+def stride_aligned_step(scale: float, stride: int = 32, limit: int = 512) -> int:
+    """The smallest step in image pixels that is a whole number of ``stride`` model pixels at
+    ``scale`` (32: the backbone's total stride, the grid of every FPN level up to P5; only the
+    extra max-pool level, whose anchors are the largest, has a coarser one): tiles starting on it
+    cut the image on the model's feature grid, so their anchors and features line up with the
+    whole image's. When no step up to ``limit`` is exact (an odd scale), the nearest whole step
+    to one stride."""
+    for step in range(1, limit + 1):
+        cells = step * scale / stride
+        if cells >= 1 and abs(cells - round(cells)) < 1e-6:
+            return step
+    return max(1, round(stride / scale))
 
 
 def to_image_frame(instances: Instances, tile: Tile, height: int, width: int) -> Instances:

@@ -141,6 +141,28 @@ def test_tile_grid_covers_with_overlap():
     assert {(t.y0, t.y1) for t in grid} == {(0, 300)}
 
 
+@pytest.mark.parametrize("length,tile,overlap,align", [(1000, 512, 128, 32), (2100, 512, 100, 64), (777, 300, 50, 48)])
+def test_tiles_start_on_the_stride_grid_and_still_cover_with_overlap(length, tile, overlap, align):
+    grid = tile_grid(length, length, tile, overlap, align)
+    starts = sorted({t.x0 for t in grid})
+    ends = sorted({t.x1 for t in grid})
+    assert all(s % align == 0 for s in starts) and starts[0] == 0 and ends[-1] == length
+    assert all(a_end - b_start >= overlap for a_end, b_start in zip(ends, starts[1:]))
+    assert max(t.x1 - t.x0 for t in grid) < tile + align
+    cover = np.zeros(length, np.int32)
+    for start, end in zip(starts, ends):
+        cover[start:end] += 1
+    assert cover.min() >= 1
+
+
+def test_stride_aligned_step_is_whole_model_strides():
+    from engine.tiling import stride_aligned_step
+
+    for scale, step in ((1.0, 32), (1.5, 64), (1.25, 128), (0.5, 64), (2.0, 16)):
+        assert stride_aligned_step(scale) == step
+        assert (step * scale) % 32 == 0
+
+
 def disk(height: int, width: int, cy: float, cx: float, r: float) -> np.ndarray:
     yy, xx = np.mgrid[:height, :width]
     return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
