@@ -232,18 +232,22 @@ def test_test_scale_search_keeps_the_best_factor_and_scores_it_on_the_whole_spli
 
     transform = ScaleTransform(2.0, [0.0] * 3, [1.0] * 3)
     calls: list = []
-    validation = _ScoredValidation(transform, {2.0: 0.1, 2.5: 0.3, 3.0: 0.3}, images, calls)
+    validation = _ScoredValidation(transform, {2.0: 0.1, 2.5: 0.3, 3.0: 0.302}, images, calls)   # +0.7 %
     search = TestScaleSearch(validation, transform, "segm_AP", max_images=32)
     at_training_scale = validation(0)
     calls.clear()
     scale, report, numbers = search(0, at_training_scale)
-    assert scale == 2.5 and transform.test_scale == 2.5 and transform.scale == 2.0   # a tie goes to the smaller
+    assert scale == 2.5 and transform.test_scale == 2.5 and transform.scale == 2.0   # not 3.0: no gain over 2.5
     assert report["coco"]["segm"]["AP"] == 0.3 and numbers[1.0]["segm_AP"] == 0.1
     if images <= 32:     # the training-scale report is reused; the searched images are the split
         assert calls == [(images, 2.5), (images, 3.0)] and search.cost() == pytest.approx(1.25 ** 2 + 1.5 ** 2)
     else:                # 32 images searched at every scale, then the whole split at the chosen one
         assert calls == [(32, 2.0), (32, 2.5), (32, 3.0), (100, 2.5)]
         assert search.cost() == pytest.approx(32 / 100 * (1 + 1.25 ** 2 + 1.5 ** 2) + 1.5 ** 2)
+    # A clear gain (+17 %) does choose the larger factor.
+    validation.scores[3.0] = 0.35
+    transform.test_scale = 2.0
+    assert TestScaleSearch(validation, transform, "segm_AP", max_images=32)(0, at_training_scale)[0] == 3.0
 
 
 def test_metrics_writer_keeps_json_lines(tmp_path):
