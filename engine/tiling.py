@@ -3,10 +3,11 @@ instances into one set for the whole image, so that a cell crossing a seam is on
 
 Grid: along each axis, tiles of ``tile`` pixels whose starts are spread evenly from 0 to
 ``length - tile`` so that neighbours overlap by at least ``overlap`` pixels (an axis no longer
-than ``tile`` gets one tile), rounded down to the model's coarsest stride (``align``): a tile
-cut off the stride grid shifts every anchor and feature against the whole image's by a fraction
-of a cell, and changes the detections far from its sides too. Instances stay box crops in image coordinates throughout
-(``utils.box_masks.BoxMasks``): memory grows with the tile and the instances, not with the image.
+than ``tile`` gets one tile), rounded down to the model's stride grid (``align``,
+``stride_aligned_step``): a tile cut off that grid shifts every anchor and feature against the
+whole image's by a fraction of a cell, which changes detections far from its sides too.
+Instances stay box crops in image coordinates throughout (``utils.box_masks.BoxMasks``): memory
+grows with the tile and the instances, not with the image.
 
 Merge (``merge_tiles``), for every pair of overlapping tiles with shared region ``S``:
 
