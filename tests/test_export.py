@@ -54,11 +54,12 @@ def load_tool():
     return module
 
 
-def make_checkpoint(path: Path, input_scale: float | None) -> Path:
+def make_checkpoint(path: Path, input_scale: float | None, input_scale_test: float | None = None) -> Path:
     import models
 
     torch.manual_seed(0)
-    config = TrainConfig(**{**SMALL, "input_scale": input_scale, "intensity": "percentile", "channels": "gray"})
+    config = TrainConfig(**{**SMALL, "input_scale": input_scale, "input_scale_test": input_scale_test,
+                            "intensity": "percentile", "channels": "gray"})
     model = models.build_model(config.model, 2, config.model_options())
     save_checkpoint(path, {"model": model.state_dict(), "config": config.to_dict(), "epoch": 1, "iteration": 0,
                            "class_names": ["round", "elongated"], "model_name": config.model})
@@ -72,10 +73,11 @@ def export(*args: str) -> int:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A checkpoint whose model resizes by 1.25 (the resize is part of the exported graph), its
-    two exports, test images of two sizes, and the exports' outputs from a clean process."""
+    """A checkpoint whose model resizes by 1.25 at test time (trained at 1.0; the resize is part of
+    the exported graph), its two exports, test images of two sizes, and the exports' outputs from
+    a clean process."""
     folder = tmp_path_factory.mktemp("export")
-    checkpoint = make_checkpoint(folder / "best.pth", 1.25)
+    checkpoint = make_checkpoint(folder / "best.pth", 1.0, input_scale_test=1.25)
     assert export("--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(folder / "model.pt")) == 0
     assert export("--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(folder / "model.onnx"),
                   "--example-size", "64", "64") == 0
