@@ -11,12 +11,15 @@ grows with the tile and the instances, not with the image.
 
 Merge (``merge_tiles``), for every pair of overlapping tiles with shared region ``S``:
 
-1. the instances of either tile whose mask reaches into ``S`` are paired by their IoU inside
-   ``S`` (``|A ∩ B| / |(A ∪ B) ∩ S|``): a whole cell and the part of it a neighbour tile cut
-   off cover the same pixels of ``S``. Pairs are accepted one to one in descending IoU while
-   IoU ≥ ``match_iou``, so two neighbouring cells never pair with one;
-2. accepted pairs are joined across all tile pairs (union-find): a cell at a corner of four
-   tiles becomes one group;
+1. the instances of either tile whose mask reaches into ``S`` are candidate pairs by their IoU
+   inside ``S`` (``|A ∩ B| / |(A ∪ B) ∩ S|``) when it is ≥ ``match_iou``: a whole cell and the
+   part of it a neighbour tile cut off cover the same pixels of ``S``;
+2. the candidates of all tile pairs are joined in descending IoU (union-find), and a join is
+   refused when the two groups hold instances of one tile: a group is one detection followed
+   across tiles (a cell at a corner of four tiles becomes one group), and two detections one
+   tile made stay two, as whole-image prediction keeps them. Without that rule, cut parts
+   chained a cell's confident detection to a faint overlapping one and the faint one was
+   kept (MoNuSeg: 2.2 % of the whole-image instances lost in tiles);
 3. a cut part left unpaired whose pixels inside ``S`` are mostly (≥ ``match_iou``) covered by
    one instance of the other tile is a second piece of that cell (a tile edge can split a cell
    into two detections) and is dropped.
@@ -117,10 +120,10 @@ def _pixels_in(crop: np.ndarray, offset: tuple[int, int], rect: tuple[int, int, 
 
 def _match_pair(a: list[int], b: list[int], extent: np.ndarray, crops: list[np.ndarray], offsets: np.ndarray,
                 shared: tuple[int, int, int, int], match_iou: float,
-                covered: np.ndarray) -> list[tuple[int, int]]:
-    """One-to-one pairs ``(i, j)``, ``i`` from ``a`` and ``j`` from ``b``, by IoU inside ``shared``.
-    ``covered[i]`` is raised to the largest share of ``i``'s pixels inside ``shared`` that one
-    instance of the other tile covers."""
+                covered: np.ndarray) -> list[tuple[float, int, int]]:
+    """Candidate pairs ``(IoU, i, j)``, ``i`` from ``a`` and ``j`` from ``b``, whose IoU inside
+    ``shared`` is ≥ ``match_iou``. ``covered[i]`` is raised to the largest share of ``i``'s
+    pixels inside ``shared`` that one instance of the other tile covers."""
     sy0, sx0, sy1, sx1 = shared
     area_in = {i: int(np.count_nonzero(_pixels_in(crops[i], offsets[i], shared))) for i in a + b}
     ea, eb = extent[a], extent[b]
@@ -139,12 +142,7 @@ def _match_pair(a: list[int], b: list[int], extent: np.ndarray, crops: list[np.n
         covered[j] = max(covered[j], inter / max(area_in[j], 1))
         if inter and inter >= match_iou * union:
             candidates.append((inter / union, i, j))
-    pairs, used = [], set()
-    for _, i, j in sorted(candidates, key=lambda c: -c[0]):
-        if i not in used and j not in used:
-            used.update((i, j))
-            pairs.append((i, j))
-    return pairs
+    return candidates
 
 
 def _find(parent: list[int], i: int) -> int:
@@ -176,8 +174,8 @@ def merge_tiles(parts: list[tuple[Tile, Instances]], height: int, width: int,
         margin[mine] = _inner_margins(extent[mine], tile, height, width)
     cut = margin < EDGE_PX
 
-    parent = list(range(len(crops)))
     covered = np.zeros(len(crops))
+    candidates: list[tuple[float, int, int]] = []
     members_of = [np.flatnonzero((owner == t) & present) for t in range(len(tiles))]
     for ta in range(len(tiles)):
         for tb in range(ta + 1, len(tiles)):
@@ -193,8 +191,15 @@ def merge_tiles(parts: list[tuple[Tile, Instances]], height: int, width: int,
 
             in_a, in_b = reaching(members_of[ta]), reaching(members_of[tb])
             if in_a and in_b:
-                for i, j in _match_pair(in_a, in_b, extent, crops, offsets, shared, match_iou, covered):
-                    parent[_find(parent, i)] = _find(parent, j)
+                candidates += _match_pair(in_a, in_b, extent, crops, offsets, shared, match_iou, covered)
+
+    parent = list(range(len(crops)))
+    tiles_of = {i: {int(owner[i])} for i in range(len(crops))}    # per group root: the tiles it holds
+    for _, i, j in sorted(candidates, key=lambda c: (-c[0], c[1], c[2])):
+        ri, rj = _find(parent, i), _find(parent, j)
+        if ri != rj and not tiles_of[ri] & tiles_of[rj]:
+            parent[ri] = rj
+            tiles_of[rj] |= tiles_of.pop(ri)
 
     groups: dict[int, list[int]] = {}
     for i in range(len(crops)):

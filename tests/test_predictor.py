@@ -209,6 +209,27 @@ def test_merge_joins_cells_across_seams_and_keeps_neighbours_apart():
         assert merged.labels[k] == label and merged.scores[k] == pytest.approx(score)
 
 
+def test_merge_keeps_two_detections_of_one_tile_apart():
+    """Two overlapping detections a tile makes (a confident cell and a faint smaller one inside
+    it, as whole-image prediction keeps both) stay two instances, even when a cut part in a third
+    tile pairs with the confident one in one neighbour and with the faint one in the other: a
+    chain through it made one group of both, and the faint one, farther from the tile sides, was
+    kept in place of the cell."""
+    h, w = 40, 224
+    xx = np.arange(w)[None, :]
+    cell, faint = disk(h, w, 20, 130, 10), disk(h, w, 20, 125, 6)
+    left, middle, right = Tile(0, 0, h, 128), Tile(0, 64, h, 192), Tile(0, 96, h, w)
+    parts = [(left, tile_instances(left, [(cell, 0.7, 1)], h, w)),                  # cut by x = 128
+             (middle, tile_instances(middle, [(cell, 0.9, 1), (faint, 0.1, 1)], h, w)),
+             # this tile's outline of the cell misses its left part (where the cut part lies)
+             (right, tile_instances(right, [(cell & (xx >= 128), 0.9, 1), (faint, 0.1, 1)], h, w))]
+    merged = merge_tiles(parts, h, w)
+    dense = merged.masks.to_dense().astype(bool)
+    assert len(merged) == 2
+    assert np.array_equal(dense[0], cell) and merged.scores[0] == pytest.approx(0.9)
+    assert np.array_equal(dense[1], faint) and merged.scores[1] == pytest.approx(0.1)
+
+
 def test_tiled_prediction_with_one_tile_equals_whole_image(predictor):
     image = synthetic_image(5, 96, 120).astype(np.uint16) * 40 + 1000    # percentile contract path
     whole = predictor.predict(image)
