@@ -136,6 +136,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--rpn-post-nms-top-n-train", type=int, default=S)
     g.add_argument("--rpn-pre-nms-top-n-test", type=int, default=S)
     g.add_argument("--rpn-post-nms-top-n-test", type=int, default=S)
+    g.add_argument("--rpn-test-pixels", type=int, default=S,
+                   help="model-input pixels the RPN's test caps are for; other inputs keep proportionally many "
+                        "(default: a median training image when the caps come from the data, else fixed per input)")
     g.add_argument("--box-score-thresh", type=float, default=S)
     g.add_argument("--box-nms-thresh", type=float, default=S)
     g.add_argument("--box-batch-size-per-image", type=int, default=S,
@@ -321,6 +324,8 @@ def resolve_from_data(config: TrainConfig, pinned: set[str], train_set) -> Train
         log.info("data: %s (%.1f s)", stats.describe(), time.time() - started)
         for key in open_keys:
             changes[key] = recommended[key]
+        if {"rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test"} <= set(open_keys) and "rpn_test_pixels" not in pinned:
+            changes["rpn_test_pixels"] = recommended["rpn_test_pixels"]   # the caps the data chose follow the area
         topics = {"input": "input_scale", "anchors": "anchor_sizes", "detections": "detections_per_img"}
         for line in reasons:
             if topics.get(line.split(" ")[0]) in open_keys:

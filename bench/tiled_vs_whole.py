@@ -72,8 +72,12 @@ def main() -> None:
         whole.model.rpn._pre_nms_top_n["testing"] = whole.model.rpn._post_nms_top_n["testing"] = args.rpn_top_n
     tiled = Predictor(whole.model, whole.contract, whole.class_names, score_thresh=args.score_thresh,
                       tile=args.tile, tile_overlap=args.tile_overlap, keep_view=False)
+    if args.rpn_top_n:
+        whole.model.rpn.test_pixels = None          # the override is per input
+    per_area = getattr(whole.model.rpn, "test_pixels", None)
     print(f"{args.checkpoint}; tiles {args.tile} px, overlap {args.tile_overlap} px, score ≥ {args.score_thresh}; "
-          f"RPN top-n {whole.model.rpn._post_nms_top_n['testing']}, "
+          f"RPN top-n {whole.model.rpn._post_nms_top_n['testing']}"
+          f"{f' per {per_area:,} model-input pixels' if per_area else ' per input'}, "
           f"detections per image {whole.model.roi_heads.detections_per_img}")
     print(f"{'image':32s} {'whole':>6s} {'tiled':>6s} {'count Δ':>8s} {'matched':>8s} {'mean IoU':>8s} {'tiles':>5s} "
           f"{'s whole':>7s} {'s tiled':>7s}")

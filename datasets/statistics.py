@@ -15,9 +15,13 @@ The rules, in model-input pixels (after ``input_scale``):
            set showed 12 px anchors matching its 9–14 px cells 6× more often than 8 px ones.
   caps     detections per image: 1.5× the densest training image, rounded up to 100 (at least
            100); the RPN keeps at least twice that many proposals at test time, so the
-           evaluator's maxDets, the model's cap and the proposals agree. Training keeps
-           torchvision's 2000 proposals: the heads sample 128–512 RoIs from them (and the
-           ground-truth boxes), and NMS over more cost 15 % of a MoNuSeg step.
+           evaluator's maxDets, the model's cap and the proposals agree. Those proposal caps
+           are for a median training image at the input scale (``rpn_test_pixels``): a larger
+           input keeps proportionally more, a smaller one fewer (``models.rpn.area_cap``),
+           so a whole image and its tiles, or an image shown at a larger test scale, keep as
+           many proposals per object. Training keeps torchvision's 2000 proposals: the heads
+           sample 128–512 RoIs from them (and the ground-truth boxes), and NMS over more cost
+           15 % of a MoNuSeg step.
 """
 from __future__ import annotations
 
@@ -133,12 +137,14 @@ def recommend_sizes(stats: DataStatistics, scale: float | None = None) -> tuple[
     covered = float((sizes <= anchors[-1] * 1.5).mean())
     densest = int(stats.objects_per_image.max())
     detections = max(100, int(math.ceil(1.5 * densest / 100) * 100))
+    pixels = int(round(float(np.median(stats.image_sizes.prod(axis=1))) * scale * scale))
     options = {
         "input_scale": scale,
         "anchor_sizes": anchors,
         "detections_per_img": detections,
         "rpn_pre_nms_top_n_test": max(1000, 2 * detections),
         "rpn_post_nms_top_n_test": max(1000, 2 * detections),
+        "rpn_test_pixels": pixels,
     }
     reasons = [
         f"input scale {scale}: {why}",
@@ -146,6 +152,7 @@ def recommend_sizes(stats: DataStatistics, scale: float | None = None) -> tuple[
         f"{np.percentile(sizes, 10):.1f} px (clamped to {ANCHOR_LIMITS[0]}–{ANCHOR_LIMITS[1]}), doubling per FPN "
         f"level; {covered:.0%} of objects within 1.5× the largest",
         f"detections per image {detections}: densest training image has {densest} objects (+50 %); RPN keeps "
-        f"{options['rpn_post_nms_top_n_test']} proposals at test time",
+        f"{options['rpn_post_nms_top_n_test']} proposals at test time per {pixels:,} model-input pixels (a median "
+        "training image; other inputs in proportion)",
     ]
     return options, reasons

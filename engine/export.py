@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from engine.inference import BoxFrameDetector
+from models.zoo import fix_rpn_test_caps
 from transforms.preprocess import PERCENTILES, Preprocessing
 from utils.io import atomic_path, write_json_atomic
 
@@ -76,6 +77,10 @@ def export_record(state: dict[str, Any], model: torch.nn.Module, fmt: str, examp
                                   "(expanded by 30/28 with one pixel of zero padding, bilinear) and threshold at 0.5"},
         "box_score_thresh": config.get("box_score_thresh"),
         "detections_per_img": config.get("detections_per_img"),
+        # Fixed in the file: the trainer's caps follow the input's area (rpn_test_pixels), these are
+        # their values for a median training image at the test scale.
+        "rpn_test_top_n": {"pre_nms_per_level": int(model.rpn._pre_nms_top_n["testing"]),
+                           "post_nms": int(model.rpn._post_nms_top_n["testing"])},
         "model": config.get("model"),
     }
     if example_size is not None:
@@ -93,6 +98,7 @@ def _load(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any
 
     state = load_checkpoint(checkpoint)
     model, _ = build_model_from_checkpoint(state)
+    fix_rpn_test_caps(model)        # one set of caps for every input size (see the record)
     return model.eval(), state
 
 

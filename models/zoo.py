@@ -46,6 +46,7 @@ class ModelOptions:
     rpn_post_nms_top_n_train: int = 2000
     rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_test: int = 1000
+    rpn_test_pixels: int | None = None  # model-input pixels the test caps are for (others: per area); None: per input
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     box_batch_size_per_image: int = 512  # RoIs sampled per image for the box/mask losses
@@ -73,6 +74,8 @@ class ModelOptions:
         for name in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
                      "rpn_post_nms_top_n_test"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        need(self.rpn_test_pixels is None or self.rpn_test_pixels >= 1,
+             f"--rpn-test-pixels must be ≥ 1, got {self.rpn_test_pixels}")
         need(0 <= self.box_score_thresh < 1, f"--box-score-thresh must be in [0, 1), got {self.box_score_thresh}")
         need(self.box_batch_size_per_image >= 1,
              f"--box-batch-size-per-image must be ≥ 1, got {self.box_batch_size_per_image}")
@@ -174,7 +177,7 @@ def assemble_model(name: str, num_classes: int, options: ModelOptions, pretraine
         box_detections_per_img=options.detections_per_img,
         box_batch_size_per_image=options.box_batch_size_per_image, **extra)
     use_matched_mask_targets(model.roi_heads)
-    use_chunked_anchor_matching(model.rpn)
+    use_chunked_anchor_matching(model.rpn, options.rpn_test_pixels)
     if options.input_scale is not None:
         model.transform = ScaleTransform(options.input_scale, model.transform.image_mean, model.transform.image_std,
                                          test_scale=options.input_scale_test)
@@ -189,9 +192,22 @@ def with_torchvision_classes(model: MaskRCNN) -> MaskRCNN:
     torchvision's code, but TorchScript compiles every ``forward`` it meets and cannot compile the
     training pass's ``super()`` call. The model still trains afterwards, with torchvision's targets.
     """
+    fix_rpn_test_caps(model)
     model.rpn.__class__ = RegionProposalNetwork
     model.roi_heads.__class__ = RoIHeads
     return model
+
+
+def fix_rpn_test_caps(model: MaskRCNN) -> int:
+    """Make test caps that follow the input's area (``ModelOptions.rpn_test_pixels``) fixed, at
+    their value for a median training image at the test scale → that value (post-NMS). Exported
+    models need one value: TorchScript runs torchvision's RPN, and an ONNX trace keeps the caps
+    of its example input."""
+    rpn, transform = model.rpn, model.transform
+    if getattr(rpn, "test_pixels", None) is not None:
+        growth = (transform.test_scale / transform.scale) ** 2 if hasattr(transform, "test_scale") else 1.0
+        rpn.fix_test_caps(int(round(rpn.test_pixels * growth)))
+    return int(rpn._post_nms_top_n["testing"])
 
 
 def _narrow_fpn(body: nn.Module, trainable_layers: int, width: int,

@@ -121,6 +121,7 @@ def test_export_records_the_preprocessing(exported):
     assert record["preprocessing"]["intensity"] == "percentile" and record["preprocessing"]["channels"] == "gray"
     assert record["preprocessing"]["inside_the_model"]["input_scale"] == 1.25
     assert record["class_names"] == ["round", "elongated"]
+    assert record["rpn_test_top_n"] == {"pre_nms_per_level": 300, "post_nms": 150}     # fixed in the file
     extra = {"preprocessing.json": ""}
     torch.jit.load(str(folder / "model.pt"), _extra_files=extra)
     assert json.loads(extra["preprocessing.json"])["class_names"] == ["round", "elongated"]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import urllib.error
 
 import pytest
@@ -170,6 +171,39 @@ def test_checkpoint_config_from_before_head_norm_rebuilds_its_model():
         build_model(today.model, 1, today.model_options()).load_state_dict(old)
     with pytest.raises(ConfigError, match="--head-norm none"):
         resolve_config({"model": "maskrcnn_resnet50_fpn_v2", "head_norm": "none"}, {})
+
+
+def test_rpn_test_caps_follow_the_input_area():
+    """With ``rpn_test_pixels`` the caps are for inputs of that many model pixels: a 4× larger input
+    keeps 4× the proposals, a smaller one fewer (down to 1000, or the cap if smaller); without it
+    every input keeps the caps (torchvision's); training never changes; an exported model's fixed
+    caps are those of a median training image at the test scale."""
+    from models.rpn import area_cap
+    from models.zoo import fix_rpn_test_caps, with_torchvision_classes
+
+    assert area_cap(5600, 2_250_000, 1_000_000) == 12600 and area_cap(5600, 250_000, 1_000_000) == 1400
+    assert area_cap(5600, 10, 1_000_000) == 1000 and area_cap(300, 10, 1_000_000) == 300
+    assert area_cap(5600, 10, None) == 5600
+    torch.manual_seed(0)
+
+    def proposals(model, side: int) -> int:
+        kept = []
+        handle = model.rpn.register_forward_hook(lambda module, args, out: kept.append(len(out[0][0])))
+        with torch.no_grad():
+            model([torch.rand(3, side, side)])
+        handle.remove()
+        return kept[0]
+
+    options = ModelOptions(input_scale=1.0, rpn_pre_nms_top_n_test=60, rpn_post_nms_top_n_test=50,
+                           rpn_test_pixels=96 * 96, anchor_sizes=(8, 16, 32, 64, 128))
+    model = build_model("maskrcnn_resnet18_fpn", 1, options).eval()
+    assert proposals(model, 192) == 200 and proposals(model, 96) == 50 and proposals(model, 64) == 50
+    fixed = build_model("maskrcnn_resnet18_fpn", 1, dataclasses.replace(options, rpn_test_pixels=None)).eval()
+    fixed.load_state_dict(model.state_dict())
+    assert proposals(fixed, 192) == 50
+    with_test_scale = build_model("maskrcnn_resnet18_fpn", 1, dataclasses.replace(options, input_scale_test=2.0))
+    assert fix_rpn_test_caps(with_test_scale) == 200 and with_test_scale.rpn.test_pixels is None
+    assert with_torchvision_classes(model).rpn._post_nms_top_n == {"training": 2000, "testing": 50}
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 7_000, 1 << 22])

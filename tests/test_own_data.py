@@ -116,9 +116,10 @@ def test_recommendation_follows_object_size_and_density():
     native, reasons = recommend_sizes(stats_of(np.linspace(10, 30, 200), counts=(1862,)))
     assert native["input_scale"] == 1.0 and native["anchor_sizes"][0] == 11 and len(native["anchor_sizes"]) == 5
     assert native["detections_per_img"] == 2800 and native["rpn_post_nms_top_n_test"] >= 2 * 2800
+    assert native["rpn_test_pixels"] == 500 * 500         # the caps are for a median image at the input scale
     assert any("native resolution" in r for r in reasons)
     small, _ = recommend_sizes(stats_of(np.full(50, 6.0)))
-    assert small["input_scale"] == 4.0 and small["detections_per_img"] == 100
+    assert small["input_scale"] == 4.0 and small["detections_per_img"] == 100 and small["rpn_test_pixels"] == 2000 ** 2
     large, _ = recommend_sizes(stats_of(np.full(50, 200.0)))
     assert large["input_scale"] == 0.25 and large["anchor_sizes"][0] <= 32
 
@@ -273,6 +274,7 @@ def test_folder_run_takes_sizes_from_the_data(tmp_path):
     state = torch.load(tmp_path / "runs" / "own" / "last.pth", weights_only=True)
     assert config["input_scale"] is not None and config["channels"] == "gray" and config["intensity"] == "percentile"
     assert config["detections_per_img"] == 100 and len(config["anchor_sizes"]) == 5
+    assert config["rpn_test_pixels"] == round(64 * 80 * config["input_scale"] ** 2)   # caps per area, from the data
     assert config["opt"] == "adamw" and config["lr"] == 0.002 and config["data_augmentation"] == "cells"
     assert state["schedule"]["total_iters"] == state["global_step"] == 3      # 3 images, 2 passes, batches of 2
     log = (tmp_path / "runs" / "own" / "train.log").read_text()

@@ -83,7 +83,9 @@ def print_size_recommendation(dataset: str, options: dict) -> None:
         print(f"  {line}")
     anchors = ",".join(map(str, recommended["anchor_sizes"]))
     print(f"  as flags: --input-scale {recommended['input_scale']} --anchor-sizes {anchors} "
-          f"--detections-per-img {recommended['detections_per_img']}")
+          f"--detections-per-img {recommended['detections_per_img']} --rpn-pre-nms-top-n-test "
+          f"{recommended['rpn_pre_nms_top_n_test']} --rpn-post-nms-top-n-test {recommended['rpn_post_nms_top_n_test']} "
+          f"--rpn-test-pixels {recommended['rpn_test_pixels']}")
 
 
 if __name__ == "__main__":
