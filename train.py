@@ -38,6 +38,7 @@ from engine.optim import build_lr_scheduler, build_optimizer, plan_schedule  # n
 from engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted  # noqa: E402
 from models import HEAD_NORMS, WeightsError, build_model, model_names  # noqa: E402
 from transforms import PRESETS, build_transforms  # noqa: E402
+from transforms.presets import CROP_MODEL_PIXELS, crop_size_for  # noqa: E402
 from transforms.preprocess import CHANNEL_MODES, INTENSITY_POLICIES, Preprocessing, image_channels  # noqa: E402
 from utils.io import WRITE_REFUSALS, OutputError, remove_stale_temp_files, write_json_atomic  # noqa: E402
 
@@ -430,17 +431,20 @@ def main(args: argparse.Namespace, started: float | None = None,
     else:   # the data decided these (and --max-time the length) when the run started; the checkpoint keeps them
         saved = with_predating(state.get("config", {}))
         config = dataclasses.replace(config, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()
-                                                if k in (*GEOMETRY_KEYS, *CAP_KEYS, "channels", "model", "head_norm",
-                                                         "max_time")
+                                                if k in (*GEOMETRY_KEYS, *CAP_KEYS, "rpn_test_pixels", "channels",
+                                                         "model", "head_norm", "max_time")
                                                 and k not in pinned})
     contract = Preprocessing.from_config(config.to_dict())
-    train_set.transforms = build_transforms(config.data_augmentation, True, contract)
+    crop = crop_size_for(config.input_scale)
+    train_set.transforms = build_transforms(config.data_augmentation, True, contract, crop_size=crop)
     val_set.transforms = build_transforms(config.data_augmentation, False, contract)
     if dist_info.is_main:
         write_json_atomic(run_dir / "config.json", config.to_dict())
-    log.info("model %s, %s; preprocessing: %s, 16-bit/float intensity %s", config.model,
+    log.info("model %s, %s; preprocessing: %s, 16-bit/float intensity %s%s", config.model,
              f"input scale {config.input_scale}" if config.input_scale is not None else
-             f"resize to min_size {config.min_size} / max_size {config.max_size}", contract.channels, contract.intensity)
+             f"resize to min_size {config.min_size} / max_size {config.max_size}", contract.channels, contract.intensity,
+             f"; training crops of up to {crop} px ({CROP_MODEL_PIXELS} model-input px)"
+             if config.data_augmentation == "cells" and config.input_scale is not None else "")
 
     model = build_model(config.model, len(class_names), config.model_options(), config.weights,
                         config.weights_backbone).to(device)

@@ -24,10 +24,12 @@ def main() -> None:
     from engine.optim import build_optimizer
     from models import build_model
     from transforms import build_transforms
+    from transforms.presets import crop_size_for
 
     config = train.config_from_args(train.get_args_parser().parse_args(sys.argv[1:]))
     options = config.data_options()
-    dataset = build_dataset(config.dataset, "train", options, build_transforms(config.data_augmentation, True))
+    dataset = build_dataset(config.dataset, "train", options,
+                            build_transforms(config.data_augmentation, True, crop_size=crop_size_for(config.input_scale)))
     model = build_model(config.model, len(dataset.class_names), config.model_options(), config.weights,
                         config.weights_backbone)
     model.train()

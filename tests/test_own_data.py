@@ -21,6 +21,9 @@ from engine.optim import Schedule, plan_schedule
 from models.scale import ScaleTransform, resize_instance_masks
 from tests.fixtures.data_writers import write_label_folder
 from tests.helpers import tiny_args
+from transforms import build_transforms
+from transforms.core import RandomScaleCrop
+from transforms.presets import crop_size_for
 
 
 def run(argv):
@@ -268,8 +271,9 @@ def test_folder_run_chooses_its_test_scale_and_every_reader_of_the_checkpoint_us
 
 def test_folder_run_takes_sizes_from_the_data(tmp_path):
     write_label_folder(str(tmp_path / "data"), 4, 64, 80, count=6, seed=2)
-    run(["--dataset", "folder", "--data-path", str(tmp_path / "data"), "--val-fraction", "0.25", "--epochs", "1",
-         "--min-epoch-iters", "2", "-b", "2", "-j", "2", "--output-dir", str(tmp_path / "runs"), "--name", "own"])
+    common = ["--dataset", "folder", "--data-path", str(tmp_path / "data"), "--val-fraction", "0.25",
+              "--min-epoch-iters", "2", "-b", "2", "-j", "2", "--output-dir", str(tmp_path / "runs"), "--name", "own"]
+    run([*common, "--epochs", "1"])
     config = json.loads((tmp_path / "runs" / "own" / "config.json").read_text())
     state = torch.load(tmp_path / "runs" / "own" / "last.pth", weights_only=True)
     assert config["input_scale"] is not None and config["channels"] == "gray" and config["intensity"] == "percentile"
@@ -279,7 +283,20 @@ def test_folder_run_takes_sizes_from_the_data(tmp_path):
     assert state["schedule"]["total_iters"] == state["global_step"] == 3      # 3 images, 2 passes, batches of 2
     log = (tmp_path / "runs" / "own" / "train.log").read_text()
     assert "sizes from the data: input scale" in log and "cosine schedule over 3 iterations" in log
+    assert f"training crops of up to {crop_size_for(config['input_scale'])} px (512 model-input px)" in log
     assert math.isfinite(state["metrics"].get("segm_AP", float("nan")))
+    # A resumed run keeps what the data chose (nothing differs from the checkpoint).
+    run([*common, "--epochs", "2", "--resume", str(tmp_path / "runs" / "own" / "last.pth")])
+    resumed = json.loads((tmp_path / "runs" / "own" / "config.json").read_text())
+    assert all(resumed[k] == config[k] for k in ("input_scale", "anchor_sizes", "detections_per_img", "rpn_test_pixels"))
+    assert "differ from the checkpoint" not in (tmp_path / "runs" / "own" / "train.log").read_text()
+
+
+def test_training_crops_are_one_size_for_the_model_at_any_scale():
+    """The cells crop is 512 px as the model sees it: a step costs the same at any input scale."""
+    assert [crop_size_for(s) for s in (1.0, 1.5, 2.0, 0.5, None)] == [512, 341, 256, 1024, 512]
+    crop = build_transforms("cells", True, crop_size=crop_size_for(1.5)).transforms[1]
+    assert isinstance(crop, RandomScaleCrop) and crop.output_size == (341, 341)
 
 
 def test_a_scale_given_by_flags_still_gets_anchors_from_the_data():
