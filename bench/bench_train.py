@@ -10,8 +10,11 @@ Flags after ``--`` are train.py's data flags; both arms train on that data.
   class the trainer would pick (R18-FPN on CPU), with torchvision's defaults for everything the
   trainer changes: the model transform resizes each image so its short side is 800, anchors
   32–512, 512 RoIs sampled per image, RPN top-k 2000, 100 detections; random horizontal flip
-  only; SGD lr 0.02, momentum 0.9, weight decay 1e-4, 1000 warm-up steps, decays at 16/26 and
-  22/26 of the epochs; PyTorch's default (per-tensor) optimizer kernels.
+  only; SGD lr 0.02, momentum 0.9, weight decay 1e-4, linear warm-up over min(1000, epoch length
+  − 1) steps, decays at 16/26 and 22/26 of the epochs; PyTorch's default (per-tensor) optimizer
+  kernels; stops at the first non-finite loss, as the references do. ``--torchvision-lr``:
+  another SGD rate (0.02 is the references' for 16 images per batch; the linear scaling rule
+  gives 0.005 for 4).
 - **ours**: ``train.py`` itself with the same data flags and an epoch count giving the same
   number of steps, through the real trainer (data sizes, preset, schedule, fused optimizer).
 
@@ -58,6 +61,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--skip-training", action="store_true", help="only the ablation")
     p.add_argument("--work-dir", default=None, help="where the trainer's run goes (default: a temporary folder)")
     p.add_argument("--out", default=None, help="JSON record of the results")
+    p.add_argument("--torchvision-lr", type=float, default=0.02,
+                   help="the plain loop's SGD learning rate (torchvision's references: 0.02; from scratch on the "
+                        "quick start's data it diverges within 20 steps)")
     return p.parse_args(argv), train_flags
 
 
@@ -107,8 +113,9 @@ def references_schedule(optimizer, steps: int, iters_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def run_torchvision_loop(config, options: dict, steps: int) -> dict:
-    """The plain loop: train ``steps`` steps, then evaluate with the trainer's evaluator."""
+def run_torchvision_loop(config, options: dict, steps: int, lr: float = 0.02) -> dict:
+    """The plain loop: train ``steps`` steps, then evaluate with the trainer's evaluator. As the
+    references do, it stops at the first non-finite loss (``diverged_at``: that step; no scores)."""
     from datasets import build_dataset
     from engine.data import collate, eval_loader
     from engine.evaluation import evaluate_model, headline
@@ -121,17 +128,22 @@ def run_torchvision_loop(config, options: dict, steps: int) -> dict:
     torch.manual_seed(config.seed)
     model = torchvision_model(config, len(train_set.class_names) + 1)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(train_set), config.batch_size,
                                             drop_last=True)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=config.workers,
                                          collate_fn=collate)
     scheduler = references_schedule(optimizer, steps, len(loader))
     model.train()
-    step, losses, first_done, last_done = 0, [], None, None
-    while step < steps:
+    step, losses, first_done, last_done, diverged_at = 0, [], None, None, None
+    while step < steps and diverged_at is None:
         for images, targets in loader:
             loss = sum(model(images, targets).values())
+            if not math.isfinite(loss.item()):      # torchvision's references: "Loss is nan, stopping training"
+                diverged_at = step + 1
+                print(f"  torchvision loop: loss {loss.item()} at step {diverged_at}, stopping as the references do",
+                      flush=True)
+                break
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -145,11 +157,15 @@ def run_torchvision_loop(config, options: dict, steps: int) -> dict:
                 print(f"  torchvision loop: step {step}/{steps}  loss {losses[-1]:.3f}", flush=True)
             if step >= steps:
                 break
-    report, _ = evaluate_model(model, eval_loader(val_set, config.batch_size, config.workers), val_set.coco_gt(),
-                               torch.device("cpu"), config.detections_per_img, class_names=list(train_set.class_names))
-    images_per_s = (steps - 1) * config.batch_size / (last_done - first_done) if steps > 1 else float("nan")
-    return {"steps": steps, "images_per_s": images_per_s, "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-            **{k: headline(report).get(k) for k in ("segm_AP", "segm_AP50", "sartorius", "bbox_AP")}}
+    scores = {k: None for k in ("segm_AP", "segm_AP50", "sartorius", "bbox_AP")}
+    if diverged_at is None:
+        report, _ = evaluate_model(model, eval_loader(val_set, config.batch_size, config.workers), val_set.coco_gt(),
+                                   torch.device("cpu"), config.detections_per_img, class_names=list(train_set.class_names))
+        scores = {k: headline(report).get(k) for k in scores}
+    done = len(losses)
+    images_per_s = (done - 1) * config.batch_size / (last_done - first_done) if done > 1 else float("nan")
+    return {"steps": done, "lr": lr, "diverged_at": diverged_at, "images_per_s": images_per_s,
+            "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1), **scores}
 
 
 def run_ours(train_flags: list[str], steps: int | None, iters_per_epoch: int, work_dir: Path) -> dict:
@@ -286,12 +302,15 @@ def main(argv: list[str] | None = None) -> int:
             print("\n[ours] train.py " + " ".join(train_flags), flush=True)
             ours = run_ours(train_flags, steps, iters_per_epoch, work)
             print("\n[torchvision] plain loop", flush=True)
-            base = run_torchvision_loop(config, options, steps)
+            base = run_torchvision_loop(config, options, steps, args.torchvision_lr)
         record.update(ours=ours, torchvision=base, ratio_images_per_s=ours["images_per_s"] / base["images_per_s"])
         print(f"\n{'':14s} {'steps':>6s} {'img/s':>7s} {'loss':>7s} {'segm AP':>8s} {'AP50':>6s} {'DSB':>6s}")
         for name, r in (("torchvision", base), ("ours", ours)):
             print(f"{name:14s} {r['steps']:6d} {r['images_per_s']:7.3f} {r['final_loss']:7.3f} "
                   f"{r['segm_AP'] or 0:8.3f} {r['segm_AP50'] or 0:6.3f} {r['sartorius'] or 0:6.3f}")
+        if base["diverged_at"]:
+            print(f"the torchvision loop (SGD lr {base['lr']}) diverged at step {base['diverged_at']}: images/s over "
+                  f"its {base['steps']} finite steps, no scores")
         print(f"images/s ratio (ours / torchvision loop): {record['ratio_images_per_s']:.2f}×")
     if args.out:
         from utils.io import write_json_atomic
