@@ -38,8 +38,8 @@ from engine.optim import build_lr_scheduler, build_optimizer, plan_schedule  # n
 from engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted  # noqa: E402
 from models import HEAD_NORMS, WeightsError, build_model, model_names  # noqa: E402
 from transforms import PRESETS, build_transforms  # noqa: E402
-from transforms.presets import CROP_MODEL_PIXELS, crop_size_for  # noqa: E402
 from transforms.preprocess import CHANNEL_MODES, INTENSITY_POLICIES, Preprocessing, image_channels  # noqa: E402
+from transforms.presets import CROP_MODEL_PIXELS, crop_size_for  # noqa: E402
 from utils.io import WRITE_REFUSALS, OutputError, remove_stale_temp_files, write_json_atomic  # noqa: E402
 
 log = logging.getLogger("trainer")
