@@ -68,12 +68,11 @@ def main() -> None:
         parser.error("give --images DIR or --synthetic N")
     whole = Predictor.from_checkpoint(args.checkpoint, device="cpu", score_thresh=args.score_thresh, tile=0,
                                       keep_view=False, detections_per_img=args.detections_per_img)
-    if args.rpn_top_n:
+    if args.rpn_top_n:      # the override is per input, not per area
         whole.model.rpn._pre_nms_top_n["testing"] = whole.model.rpn._post_nms_top_n["testing"] = args.rpn_top_n
+        whole.model.rpn.test_pixels = None
     tiled = Predictor(whole.model, whole.contract, whole.class_names, score_thresh=args.score_thresh,
                       tile=args.tile, tile_overlap=args.tile_overlap, keep_view=False)
-    if args.rpn_top_n:
-        whole.model.rpn.test_pixels = None          # the override is per input
     per_area = getattr(whole.model.rpn, "test_pixels", None)
     print(f"{args.checkpoint}; tiles {args.tile} px, overlap {args.tile_overlap} px, score ≥ {args.score_thresh}; "
           f"RPN top-n {whole.model.rpn._post_nms_top_n['testing']}"
