@@ -6,8 +6,8 @@ The exported computation is ``engine.inference.BoxFrameDetector`` for one image:
 outputs ``boxes`` float32 ``N×4`` xyxy in input pixels, ``scores`` float32 ``N``, ``labels``
 int64 ``N`` (class ids 1..C) and ``mask_probs`` float32 ``N×28×28``: each instance's mask
 probabilities in its box frame. The model's own normalisation and resize are inside; pasting a
-mask into its box (torchvision's arithmetic: ``utils.box_masks.paste_masks_in_boxes``, or the numpy
-version in docs/predict.md) and thresholding at 0.5 gives the instance mask — never an ``N×H×W``
+mask into its box (pixel-aligned: ``utils.box_masks.paste_masks_in_boxes``, or the numpy version in
+docs/predict.md) and thresholding at 0.5 gives the instance mask — never an ``N×H×W``
 tensor.
 
 The record (``preprocessing``, ``class_names``, outputs) is written as JSON beside the file
@@ -74,7 +74,8 @@ def export_record(state: dict[str, Any], model: torch.nn.Module, fmt: str, examp
         "outputs": {"boxes": "float32 N×4 xyxy, input pixels", "scores": "float32 N",
                     "labels": "int64 N, class id 1..C (class_names[id-1])",
                     "mask_probs": "float32 N×28×28 mask probabilities in each box's frame; paste into the box "
-                                  "(expanded by 30/28 with one pixel of zero padding, bilinear) and threshold at 0.5"},
+                                  "(cell centres spread evenly over the box, each pixel centre read bilinearly, zero beyond the "
+                                  "outer cells) and threshold at 0.5"},
         "box_score_thresh": config.get("box_score_thresh"),
         "detections_per_img": config.get("detections_per_img"),
         # Fixed in the file: the trainer's caps follow the input's area (rpn_test_pixels), these are

@@ -4,7 +4,7 @@ torchvision's ``GeneralizedRCNN.forward`` ends with ``transform.postprocess``, w
 the boxes to the original image and pastes every ``28×28`` mask into an ``H×W`` float canvas
 (``N×1×H×W``: 1.2 GB for 800 detections at 520×704). ``detect`` runs the same modules in the
 same order but only rescales the boxes; masks stay in their box frame and are pasted box by
-box by ``utils.box_masks.paste_masks_in_boxes`` (which reproduces torchvision's arithmetic).
+box by ``utils.box_masks.paste_masks_in_boxes`` (pixel-aligned: the inverse of the training targets' sampling).
 """
 from __future__ import annotations
 

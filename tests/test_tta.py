@@ -29,8 +29,8 @@ def test_unflip_maps_flipped_detections_back(flip):
     boxes = [[3, 4, 30, 20], [40, 10, 79, 59], [0, 0, 10, 10], [10.5, 20.25, 33.5, 41], [60, 30, 75, 50]]
     flipped = det(boxes, [0.9] * 5, [1] * 5, probs)
     back = unflip_detections(flipped, flip)
-    # Pasting the mapped-back detections ≈ flipping the masks pasted in the flipped image
-    # (torchvision's paste treats a box's max edge as inclusive, so a mirrored mask may move by a pixel).
+    # Pasting the mapped-back detections = flipping the masks pasted in the flipped image (the
+    # paste is pixel-aligned, so mirroring commutes with it; a pixel may differ by float rounding).
     pasted = paste_masks_in_boxes(flipped["mask_probs"], flipped["boxes"], 60, 80).to_dense()
     dims = [d for axis, d in (("v", 1), ("h", 2)) if axis in flip]
     expected = np.flip(pasted, dims) if dims else pasted
@@ -38,7 +38,7 @@ def test_unflip_maps_flipped_detections_back(flip):
     inter = (got & expected).reshape(5, -1).sum(1)
     union = (got | expected).reshape(5, -1).sum(1)
     iou = inter / np.maximum(union, 1)
-    assert iou.min() >= 0.7 and iou.mean() >= 0.85          # the smallest box (10 px) loses most
+    assert iou.min() >= 0.99, iou
     if flip == "none":
         assert np.array_equal(got, expected)
     # Flipping twice is the identity.

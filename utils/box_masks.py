@@ -100,53 +100,75 @@ class BoxMasks:
         return cls(height, width, offsets, crops)
 
 
+def box_axis_weights(lo: np.ndarray, hi: np.ndarray, start: np.ndarray, stop: np.ndarray, m: int) -> list[np.ndarray]:
+    """Per box ``i``: the ``(stop_i − start_i)×m`` bilinear weights that sample ``m`` mask cells
+    spread evenly over ``[lo_i, hi_i)`` at the centres of pixels ``start_i .. stop_i − 1`` (pixel
+    ``p`` covers ``[p, p+1)``); one image axis.
+
+    Cell ``j`` covers ``[lo + j·c, lo + (j+1)·c)`` with ``c = (hi − lo)/m`` and holds its value at
+    its centre — the frame ``roi_align(aligned=True)`` samples the training targets in — so a
+    pixel centre ``x`` reads cell coordinate ``(x − lo)/c − 0.5``, interpolated between the two
+    nearest cells; beyond the first and last cell centres it fades into zero (the 1-cell zero
+    border of torchvision's paste). A box of no extent gets all-zero weights.
+    """
+    counts = np.maximum(stop - start, 0)
+    owner = np.repeat(np.arange(len(counts)), counts)               # the box of each pixel row
+    first = np.cumsum(counts) - counts
+    pixel = start[owner] + (np.arange(int(counts.sum())) - first[owner])
+    cell = (hi - lo) / m
+    valid = cell[owner] > 0
+    u = np.where(valid, (pixel + 0.5 - lo[owner]) / np.where(valid, cell[owner], 1.0) - 0.5, -2.0)
+    below = np.floor(u)
+    frac = u - below
+    weights = np.zeros((len(u), m + 2), dtype=np.float32)            # columns: cells -1 .. m (zeros)
+    rows = np.arange(len(u))
+    weights[rows, np.clip(below + 1, 0, m + 1).astype(np.int64)] += 1 - frac
+    weights[rows, np.clip(below + 2, 0, m + 1).astype(np.int64)] += frac
+    return np.split(weights[:, 1:m + 1], np.cumsum(counts)[:-1])
+
+
 def paste_masks_in_boxes(mask_probs: torch.Tensor | np.ndarray, boxes: torch.Tensor | np.ndarray,
                          height: int, width: int, threshold: float | None = 0.5) -> BoxMasks:
     """Paste ``M×M`` box-frame mask probabilities into a ``height×width`` image, box by box.
 
     ``mask_probs``: ``N×M×M`` or ``N×1×M×M`` floats (the mask head's output for the predicted
-    class); ``boxes``: ``N×4`` xyxy in image pixels. Same arithmetic as torchvision's
-    ``paste_masks_in_image`` (1-pixel zero padding, box expanded by ``(M+2)/M`` and truncated to
-    integers, bilinear resize with ``align_corners=False``), so ``crop > threshold`` is identical
-    to torchvision's full-canvas mask ``> threshold`` restricted to the box — but each mask is
-    resized only to its own box, never to ``H×W``.
+    class); ``boxes``: ``N×4`` xyxy in image pixels, the max edge exclusive (a box ``[0, 10)``
+    covers pixels 0..9). Each pixel near the box reads the mask bilinearly at its centre
+    (``box_axis_weights``: ``rows @ mask @ columns.T``), the inverse of the pixel-aligned
+    sampling of the training targets, so a perfect mask head gives its object back exactly.
+
+    Not torchvision's ``paste_masks_in_image``: that one grows the box by ``(M+2)/M``, truncates
+    it to integers and resizes the padded mask onto ``x1 − x0 + 1`` pixels, treating the max edge
+    as inclusive — every mask comes out about half a pixel larger on each side (MoNuSeg's
+    kidney nuclei, ground truth sampled and pasted back: +8 % area, mean IoU 0.90 instead of
+    1.00; docs/predict.md). Each mask is computed only inside its box, never on ``H×W``.
 
     ``threshold=None`` keeps the soft float32 probabilities (for TTA fusion).
     """
     probs = torch.as_tensor(mask_probs).detach().to("cpu", torch.float32)
     if probs.ndim == 4:
         probs = probs[:, 0]
-    boxes_t = torch.as_tensor(boxes).detach().to("cpu", torch.float32).reshape(-1, 4)
-    n = len(probs)
+    probs_np = probs.numpy()
+    boxes_np = torch.as_tensor(boxes).detach().to("cpu", torch.float32).reshape(-1, 4).numpy().astype(np.float64)
+    n = len(probs_np)
     if n == 0:
         return BoxMasks.empty(height, width)
-    m = probs.shape[-1]
-    padded = torch.nn.functional.pad(probs, (1, 1, 1, 1))[:, None]
-    # expand_boxes of torchvision, in the same float32 operations, then truncation to int64.
-    scale = float(m + 2) / m
-    w_half = (boxes_t[:, 2] - boxes_t[:, 0]) * 0.5 * scale
-    h_half = (boxes_t[:, 3] - boxes_t[:, 1]) * 0.5 * scale
-    x_c = (boxes_t[:, 2] + boxes_t[:, 0]) * 0.5
-    y_c = (boxes_t[:, 3] + boxes_t[:, 1]) * 0.5
-    expanded = torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], dim=1)
-    int_boxes = expanded.to(torch.int64).tolist()
+    m = probs_np.shape[-1]
+    # Pixels whose centres lie within half a cell of the box can read a non-zero value.
+    half_w = (boxes_np[:, 2] - boxes_np[:, 0]) / (2 * m)
+    half_h = (boxes_np[:, 3] - boxes_np[:, 1]) / (2 * m)
+    x_start = np.clip(np.floor(boxes_np[:, 0] - half_w), 0, width).astype(np.int64)
+    x_stop = np.clip(np.ceil(boxes_np[:, 2] + half_w), 0, width).astype(np.int64)
+    y_start = np.clip(np.floor(boxes_np[:, 1] - half_h), 0, height).astype(np.int64)
+    y_stop = np.clip(np.ceil(boxes_np[:, 3] + half_h), 0, height).astype(np.int64)
 
-    offsets = np.zeros((n, 2), dtype=np.int64)
+    offsets = np.stack([y_start, x_start], axis=1)
+    row_weights = box_axis_weights(boxes_np[:, 1], boxes_np[:, 3], y_start, y_stop, m)
+    col_weights = box_axis_weights(boxes_np[:, 0], boxes_np[:, 2], x_start, x_stop, m)
     crops: list[np.ndarray] = []
-    empty = np.zeros((0, 0), dtype=bool if threshold is not None else np.float32)
-    for i, (bx0, by0, bx1, by1) in enumerate(int_boxes):
-        x0, x1 = max(bx0, 0), min(bx1 + 1, width)
-        y0, y1 = max(by0, 0), min(by1 + 1, height)
-        if x1 <= x0 or y1 <= y0:          # box entirely outside the image
-            offsets[i] = (min(max(by0, 0), height), min(max(bx0, 0), width))
-            crops.append(empty)
-            continue
-        size = (max(by1 - by0 + 1, 1), max(bx1 - bx0 + 1, 1))
-        resized = torch.nn.functional.interpolate(padded[i:i + 1], size=size, mode="bilinear",
-                                                  align_corners=False)[0, 0].numpy()
-        crop = resized[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
+    for mask, rows, cols in zip(probs_np, row_weights, col_weights):
+        crop = rows @ mask @ cols.T
         crops.append(crop > threshold if threshold is not None else crop)
-        offsets[i] = (y0, x0)
     return BoxMasks(height, width, offsets, crops)
 
 
