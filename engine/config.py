@@ -117,12 +117,20 @@ def json_ready(value):
 BEST_METRICS = ("segm_AP", "segm_AP50", "bbox_AP", "bbox_AP50", "sartorius")
 
 
+# A dataset's run length is one choice, and a flag for either part replaces all of it: the
+# synthetic data's 12 epochs must not cut ``--max-time 10m`` short (a budget fills its time),
+# nor would a dataset's budget cut ``--epochs 30``.
+RUN_LENGTH = ("epochs", "max_time")
+
+
 def resolve_config(explicit: dict[str, Any], dataset_defaults: dict[str, Any]) -> TrainConfig:
     """Merge explicit flags over dataset defaults over field defaults, then validate."""
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(dataset_defaults) - known
     if unknown:
         raise ConfigError(f"dataset defaults name unknown options: {sorted(unknown)}")
+    if any(explicit.get(k) is not None for k in RUN_LENGTH):
+        dataset_defaults = {k: v for k, v in dataset_defaults.items() if k not in RUN_LENGTH}
     merged = {**{k: v for k, v in dataset_defaults.items()}, **{k: v for k, v in explicit.items() if v is not None}}
     merged = {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
     config = TrainConfig(**merged)
