@@ -8,7 +8,8 @@ The pipeline, per image (``apply_postprocess``; predict.py calls it with the JSO
 2. per-class score threshold: keep score ≥ ``score_thresh[class]``;
 3. overlap removal with minimum size, in descending score order:
    ``visible_j = mask_j \\ (union of kept masks before j)``; keep j (with mask ``visible_j``) iff
-   ``|visible_j| ≥ max(min_size[class], 1)``. A dropped mask claims no pixels, so the higher
+   ``|visible_j| ≥ max(min_size[class], 1)`` and at least half of ``mask_j`` is visible
+   (``utils.overlap.MIN_VISIBLE_SHARE``). A dropped mask claims no pixels, so the higher
    score wins each pixel and the result never overlaps (as a Kaggle submission must not).
 
 The search (``search_postprocess``) maximises the Sartorius score over a grid, one class at a
@@ -227,7 +228,9 @@ def search_postprocess(gt: dict, results: list[dict], nms_iou: float | None = No
             return float(scores.mean()) if len(scores) else 0.0
 
         for step in ("score_thresh", "min_size", "score_thresh"):
-            grid = score_grid if step == "score_thresh" else min_size_grid
+            # The current value is a candidate too, so no step can end below where it started
+            # (the baseline's 0.5 need not be on the grid).
+            grid = sorted({*score_grid, thresh[cat]} if step == "score_thresh" else {*min_size_grid, min_size[cat]})
             # A later grid value must beat the best so far by > 1e-12: ties keep the earlier value.
             best_value, best_score = None, -1.0
             for value in grid:

@@ -178,6 +178,16 @@ def test_resolve_overlaps_gives_pixels_to_higher_score():
     assert np.array_equal(label_image_to_box_masks(labels)[0].to_dense(), out)
 
 
+def test_resolve_overlaps_drops_masks_mostly_under_higher_scores():
+    dense = np.zeros((3, 6, 8), dtype=np.uint8)
+    dense[0, 0:4, 0:4] = 1        # highest score
+    dense[1, 0:4, 1:5] = 1        # 12 of its 16 pixels under mask 0: a duplicate, dropped
+    dense[2, 0:4, 2:8] = 1        # 8 of 24 under mask 0: keeps the other 16
+    kept, resolved = resolve_overlaps(BoxMasks.from_dense(dense), np.array([0.9, 0.8, 0.7]))
+    assert kept.tolist() == [0, 2]
+    assert np.array_equal(resolved.to_dense()[1], dense[2] & ~dense[0])
+
+
 def test_label_image_first_mask_wins_without_resolving():
     dense = np.zeros((2, 4, 4), dtype=np.uint8)
     dense[0, :2] = 1

@@ -26,7 +26,7 @@ PARAMS = {"classes": {"1": {"score_thresh": 0.3, "min_size": 10}, "2": {"score_t
 
 def test_higher_score_wins_pixels_and_small_leftovers_are_dropped():
     a = ellipse_indices(20, 20, 8, 8, 0, H, W)
-    b = ellipse_indices(20, 26, 8, 8, 0, H, W)                  # overlaps a a lot
+    b = ellipse_indices(20, 30, 8, 8, 0, H, W)                  # overlaps a, mostly visible
     c = np.setdiff1d(ellipse_indices(20, 21, 8, 8, 0, H, W), a)[:5]  # after a: a 5-px sliver
     low = ellipse_indices(5, 45, 3, 3, 0, H, W)
     out = apply_postprocess([entry(b, 0.6), entry(a, 0.9), entry(np.union1d(a, c), 0.7), entry(low, 0.2)],
@@ -38,6 +38,17 @@ def test_higher_score_wins_pixels_and_small_leftovers_are_dropped():
     x, y, w, h = out[1]["bbox"]
     ys, xs = got_b % H, got_b // H
     assert [x, y, w, h] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+
+
+def test_a_mask_mostly_under_higher_scores_is_dropped_as_a_duplicate():
+    a = ellipse_indices(20, 20, 8, 8, 0, H, W)
+    b = ellipse_indices(20, 24, 8, 8, 0, H, W)                  # over half of it under a
+    c = ellipse_indices(20, 34, 8, 8, 0, H, W)                  # under a a little
+    hidden_b = np.isin(b, a).mean()
+    assert 0.5 < hidden_b < 1 and np.isin(c, a).mean() < 0.5
+    out = apply_postprocess([entry(a, 0.9), entry(b, 0.8), entry(c, 0.7)], PARAMS, H, W)
+    assert [e["score"] for e in out] == [0.9, 0.7]              # b's visible rim would be a false positive
+    np.testing.assert_array_equal(rle_to_fortran_indices(out[1]["segmentation"]), np.setdiff1d(c, a))
 
 
 def test_dropped_mask_claims_no_pixels():

@@ -240,8 +240,8 @@ def coco_rle_to_box_masks(rles: list[dict], height: int, width: int) -> BoxMasks
 
 
 def resolve_overlaps(masks: BoxMasks, scores: np.ndarray) -> tuple[np.ndarray, BoxMasks]:
-    """Give each pixel to the highest-scoring mask that claims it; drop masks left empty
-    (``utils.overlap.remove_overlap`` with minimum size 1).
+    """Give each pixel to the highest-scoring mask that claims it; drop masks left empty or with
+    less than half their pixels visible (``utils.overlap.remove_overlap``, minimum size 1).
 
     Returns ``(kept, resolved)``: indices into ``masks`` in descending score order (ties keep
     input order) and their non-overlapping crops (same offsets and crop shapes as before).

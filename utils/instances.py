@@ -67,8 +67,9 @@ class Instances:
         return self.select(np.flatnonzero(self.scores >= score_thresh))
 
     def non_overlapping(self) -> "Instances":
-        """Descending score; each pixel kept by the highest-scoring mask; empty masks dropped;
-        boxes tightened to the remaining pixels."""
+        """Descending score; each pixel kept by the highest-scoring mask; masks left empty or with
+        less than half their pixels dropped (``utils.box_masks.resolve_overlaps``); boxes
+        tightened to the remaining pixels."""
         kept, resolved = resolve_overlaps(self.masks, self.scores)
         return Instances(resolved.tight_boxes(), self.scores[kept], self.labels[kept], resolved)
 
