@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 # A mask whose visible part is less than this share of its own pixels is dropped: more than
 # half of it lies under masks of higher score, so it is a second detection of what they cover
 # (or a fragment of it), and the sliver it would leave is a false positive to every instance
