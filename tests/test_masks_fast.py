@@ -77,8 +77,9 @@ def test_box_paste_equals_the_full_canvas_reference(seed, size):
 
 
 def test_box_paste_does_not_grow_masks_as_torchvision_does():
-    """A uniform mask fills exactly the pixels of its box; torchvision's paste (box max edge read
-    as inclusive, box grown then truncated) gives about half a pixel more on every side."""
+    """A square mask comes out as exactly the pixels whose centres lie inside the square's place
+    in the box; torchvision's paste (box max edge read as inclusive, box grown then truncated)
+    gives about half a pixel more on every side."""
     boxes = torch.tensor([[10.0, 20.0, 30.0, 32.0], [40.3, 5.6, 52.9, 18.2], [3.0, 40.0, 11.0, 48.0]])
     probs = torch.zeros(3, 28, 28)
     probs[:, 2:26, 2:26] = 1.0                                 # a square of 24/28 of the box, centred
