@@ -13,6 +13,7 @@ from typing import Callable
 import torch.nn as nn
 import torchvision
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
@@ -22,6 +23,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from models.precision import use_float32_box_decoding
 from models.roi_heads import use_matched_mask_targets
 from models.rpn import use_chunked_anchor_matching
 from models.scale import ScaleTransform
@@ -178,6 +180,7 @@ def assemble_model(name: str, num_classes: int, options: ModelOptions, pretraine
         box_batch_size_per_image=options.box_batch_size_per_image, **extra)
     use_matched_mask_targets(model.roi_heads)
     use_chunked_anchor_matching(model.rpn, options.rpn_test_pixels)
+    use_float32_box_decoding(model)
     if options.input_scale is not None:
         model.transform = ScaleTransform(options.input_scale, model.transform.image_mean, model.transform.image_std,
                                          test_scale=options.input_scale_test)
@@ -188,13 +191,16 @@ def with_torchvision_classes(model: MaskRCNN) -> MaskRCNN:
     """Switch the RPN and RoI heads back to torchvision's classes in place, for TorchScript.
 
     ``build_model`` gives them subclasses that change only how training targets are built
-    (``models/rpn.py``, ``models/roi_heads.py``); they hold no state of their own and infer with
-    torchvision's code, but TorchScript compiles every ``forward`` it meets and cannot compile the
-    training pass's ``super()`` call. The model still trains afterwards, with torchvision's targets.
+    (``models/rpn.py``, ``models/roi_heads.py``) and keep coordinates fp32 under autocast
+    (``models/precision.py``); they hold no state of their own and infer with torchvision's
+    code, but TorchScript compiles every ``forward`` it meets and cannot compile their
+    ``super()`` calls. The model still trains afterwards, with torchvision's targets.
     """
     fix_rpn_test_caps(model)
     model.rpn.__class__ = RegionProposalNetwork
     model.roi_heads.__class__ = RoIHeads
+    for part in (model.rpn, model.roi_heads):
+        part.box_coder.__class__ = BoxCoder
     return model
 
 

@@ -248,3 +248,30 @@ def test_chunked_anchor_matching_equals_torchvisions(chunk_elements, monkeypatch
     matcher = model.rpn.proposal_matcher
     assert torch.equal(rpn_module.match_anchors(dense, anchors[0], matcher, chunk_elements),
                        matcher(box_iou(dense, anchors[0])))
+
+
+def test_anchors_proposals_and_boxes_stay_float32_under_bf16_autocast():
+    """bf16 rounds coordinates of 256-512 px to 2 px: torchvision's anchors (features' dtype) and
+    decoded boxes (deltas' dtype) would be bf16 under autocast; ``models.precision`` keeps them fp32.
+    Training: finite losses, proposals off the 2-px grid; inference: fp32 boxes with fractions."""
+    torch.manual_seed(0)
+    model = build_model("maskrcnn_resnet18_fpn", 1, ModelOptions(input_scale=1.0, anchor_sizes=(8, 16, 32, 64, 128)))
+    seen = {}
+    model.rpn.register_forward_hook(lambda module, args, output: seen.update(proposals=output[0]))
+    image = torch.rand(3, 640, 640)
+    boxes = torch.tensor([[300.5, 310.0, 314.0, 322.5], [520.0, 530.0, 533.0, 541.0]])
+    masks = torch.zeros(2, 640, 640, dtype=torch.uint8)
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes.round().int().tolist()):
+        mask[y1:y2, x1:x2] = 1
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model([image], [{"boxes": boxes, "labels": torch.ones(2, dtype=torch.int64), "masks": masks}])
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    proposals = seen["proposals"][0]
+    assert proposals.dtype == torch.float32
+    far = proposals[proposals > 300]
+    assert far.numel() > 100 and (far % 2 != 0).float().mean() > 0.5   # not on bf16's 2-px grid
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model([image])[0]
+    assert seen["proposals"][0].dtype == torch.float32 and out["boxes"].dtype == torch.float32
