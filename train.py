@@ -166,7 +166,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--warmup-iters", type=int, default=S, help="default: 5 %% of the run, at most 1000")
     g.add_argument("--warmup-factor", type=float, default=S)
     g.add_argument("--clip-grad-norm", type=float, default=S, help="max gradient norm, 0 disables")
-    g.add_argument("--amp", action="store_true", default=S, help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=S,
+                   help="mixed precision in the training steps (fp16 on CUDA, bf16 on CPU); default: on for a CPU "
+                        "with AMX bf16 units (about 1.5x faster steps), off elsewhere; evaluation runs in fp32")
     g.add_argument("--max-nonfinite", type=int, default=S, help="consecutive non-finite losses before stopping")
 
     g = p.add_argument_group("evaluation, checkpoints, run")
@@ -407,6 +409,9 @@ def main(args: argparse.Namespace, started: float | None = None,
     if from_defaults:
         log.info("from the %s dataset's defaults: %s", config.dataset,
                  ", ".join(f"{k}={getattr(config, k)!r}" for k in sorted(from_defaults)))
+    if config.amp and "amp" not in vars(args) and "amp" not in from_defaults:
+        log.info("mixed precision: bf16 autocast in the training steps, chosen for this CPU's AMX bf16 units "
+                 "(--no-amp for fp32)")
     if resume_from is not None and dist_info.is_main:
         for stale in remove_stale_temp_files(run_dir):
             log.info("removed %s, left by a write that was cut short", stale)
@@ -475,7 +480,9 @@ def main(args: argparse.Namespace, started: float | None = None,
         log.info("time budget %s: %s used before the first step", format_duration(config.max_time),
                  format_duration(time.time() - started))
 
-    validation = Validation(model_without_ddp, val, val_set.coco_gt(), device, config.detections_per_img, config.amp,
+    # Evaluation in fp32 whatever --amp says: its numbers (and the best checkpoint) are then the ones
+    # evaluate.py and predict.py reproduce exactly.
+    validation = Validation(model_without_ddp, val, val_set.coco_gt(), device, config.detections_per_img, False,
                             config.sartorius_score_thresh, class_names, dist_info=dist_info,
                             predictions_path=run_dir / "predictions.json" if config.test_only else None)
     search = None
