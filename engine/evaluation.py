@@ -26,10 +26,11 @@ from utils.io import write_json_atomic
 log = logging.getLogger(__name__)
 
 
-def autocast_context(device: torch.device, enabled: bool):
-    """Mixed precision: fp16 on CUDA, bf16 on CPU (where fp16 kernels are missing)."""
+def autocast_context(device: torch.device, enabled: bool | None):
+    """Mixed precision: fp16 on CUDA, bf16 on CPU (where fp16 kernels are missing). ``enabled``
+    None (a ``TrainConfig`` built directly, its default not resolved for a device) is off."""
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=bool(enabled))
 
 
 @torch.inference_mode()

@@ -7,13 +7,28 @@ bf16 keeps 8 bits of mantissa, so a coordinate between 256 and 512 px is rounded
 beyond 512 to 4 px: proposals for 10-20 px nuclei become degenerate (zero width), their
 regression targets infinite, and the box loss NaN within the first steps (MoNuSeg, 512² crops);
 at inference under ``predict.py --amp`` every box, and the mask pasted into it, moves by up to
-that much. Here anchors (``ChunkedMatchingRPN.forward`` gives the RPN fp32 features; its
-convolutions still run in bf16) and every decoded box (``Float32BoxCoder``) are fp32; the
-networks' outputs stay in the reduced precision, which deltas and logits tolerate.
+that much. Here anchors (``Float32AnchorGenerator``) and every decoded box (``Float32BoxCoder``)
+are fp32; the networks' features and outputs stay in the reduced precision, which deltas and
+logits tolerate (casting the FPN features to fp32 instead cost a copy of each level per step).
 """
 
+from typing import List
+
+import torch
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+
+
+class Float32AnchorGenerator(AnchorGenerator):
+    """``AnchorGenerator`` whose anchors are fp32 whatever the features' dtype. It reads only the
+    feature maps' sizes, dtype and device, so it is shown fp32 stand-ins of their shapes
+    (a zero-stride view of one number: no copy)."""
+
+    def forward(self, image_list: ImageList, feature_maps: List[Tensor]) -> List[Tensor]:
+        shapes = [torch.zeros((), dtype=torch.float32, device=f.device).expand(f.shape) for f in feature_maps]
+        return super().forward(image_list, shapes)
 
 
 class Float32BoxCoder(BoxCoder):
@@ -23,8 +38,10 @@ class Float32BoxCoder(BoxCoder):
         return super().decode(rel_codes.float(), boxes)
 
 
-def use_float32_box_decoding(model) -> None:
-    """Give the RPN and the RoI heads of a built Mask R-CNN ``Float32BoxCoder`` (same weights and
-    clip; ``models.zoo.with_torchvision_classes`` switches back to ``BoxCoder`` for TorchScript)."""
+def use_float32_coordinates(model) -> None:
+    """Give a built Mask R-CNN ``Float32AnchorGenerator`` and, in the RPN and the RoI heads,
+    ``Float32BoxCoder`` (no state of their own; ``models.zoo.with_torchvision_classes`` switches
+    back to torchvision's classes for TorchScript)."""
+    model.rpn.anchor_generator.__class__ = Float32AnchorGenerator
     for part in (model.rpn, model.roi_heads):
         part.box_coder.__class__ = Float32BoxCoder

@@ -86,17 +86,11 @@ def area_cap(cap: int, pixels: int, test_pixels: Optional[int]) -> int:
 
 
 class ChunkedMatchingRPN(RegionProposalNetwork):
-    """``RegionProposalNetwork`` whose training targets come from ``match_anchors``, whose
-    test-time caps follow the input's area when ``test_pixels`` is set (``area_cap``), and whose
-    anchors are fp32 under autocast (``models.precision``)."""
+    """``RegionProposalNetwork`` whose training targets come from ``match_anchors``, and whose
+    test-time caps follow the input's area when ``test_pixels`` is set (``area_cap``)."""
 
     test_pixels: Optional[int] = None       # model-input pixels the test caps are for; None: per input
     _input_pixels: Optional[int] = None     # the batch being filtered (eval mode), height × width
-
-    def forward(self, images, features: Dict[str, Tensor], targets: Optional[List[Dict[str, Tensor]]] = None):
-        # torchvision makes the anchors in the features' dtype: fp32 features, fp32 anchors (a
-        # no-op without autocast; the head's convolutions still autocast to bf16/fp16).
-        return super().forward(images, {name: level.float() for name, level in features.items()}, targets)
 
     def pre_nms_top_n(self) -> int:
         cap = super().pre_nms_top_n()

@@ -23,7 +23,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from models.precision import use_float32_box_decoding
+from models.precision import use_float32_coordinates
 from models.roi_heads import use_matched_mask_targets
 from models.rpn import use_chunked_anchor_matching
 from models.scale import ScaleTransform
@@ -180,7 +180,7 @@ def assemble_model(name: str, num_classes: int, options: ModelOptions, pretraine
         box_batch_size_per_image=options.box_batch_size_per_image, **extra)
     use_matched_mask_targets(model.roi_heads)
     use_chunked_anchor_matching(model.rpn, options.rpn_test_pixels)
-    use_float32_box_decoding(model)
+    use_float32_coordinates(model)
     if options.input_scale is not None:
         model.transform = ScaleTransform(options.input_scale, model.transform.image_mean, model.transform.image_std,
                                          test_scale=options.input_scale_test)
@@ -199,6 +199,7 @@ def with_torchvision_classes(model: MaskRCNN) -> MaskRCNN:
     fix_rpn_test_caps(model)
     model.rpn.__class__ = RegionProposalNetwork
     model.roi_heads.__class__ = RoIHeads
+    model.rpn.anchor_generator.__class__ = AnchorGenerator
     for part in (model.rpn, model.roi_heads):
         part.box_coder.__class__ = BoxCoder
     return model
