@@ -16,7 +16,8 @@ Flags after ``--`` are train.py's data flags; both arms train on that data.
   another SGD rate (0.02 is the references' for 16 images per batch; the linear scaling rule
   gives 0.005 for 4).
 - **ours**: ``train.py`` itself with the same data flags and an epoch count giving the same
-  number of steps, through the real trainer (data sizes, preset, schedule, fused optimizer).
+  number of steps, through the real trainer (data sizes, preset, schedule, fused optimizer, and
+  bf16 autocast on a CPU with AMX; ``-- --no-amp`` for fp32).
 
 Both are scored on the validation split with the same maxDets (the trainer's). Images/s counts
 training steps only (from the first to the last step, data waits included; evaluation excluded).
@@ -24,7 +25,7 @@ training steps only (from the first to the last step, data waits included; evalu
 The ablation times one fixed batch through the torchvision configuration with the trainer's
 changes added one at a time (native scale from the data, fewer sampled RoIs, RPN top-k, mask targets
 from the matched instances (pixel-aligned), banded anchor matching, BatchNorm in the FPN and mask head, the optimizer, its fused
-kernels); variants run interleaved, round after round, so a machine that slows down slows all.
+kernels, and bf16 autocast where train.py turns it on: CPUs with AMX); variants run interleaved, round after round, so a machine that slows down slows all.
 """
 from __future__ import annotations
 
@@ -192,6 +193,7 @@ def ablation(config, options: dict, rounds: int) -> list[dict]:
     import dataclasses
 
     from datasets import build_dataset
+    from engine.evaluation import autocast_context
     from engine.optim import build_optimizer
     from transforms import build_transforms
     from transforms.preprocess import Preprocessing
@@ -217,6 +219,8 @@ def ablation(config, options: dict, rounds: int) -> list[dict]:
         (f"+ the trainer's optimizer ({config.opt}), per-tensor kernels", {}, "plain"),
         ("+ fused optimizer kernels", {}, "fused"),
     ]
+    if config.amp:   # train.py's default on a CPU with AMX (engine.config.cpu_has_fast_bf16)
+        steps.append(("+ bf16 autocast (the default on CPUs with AMX)", {}, "fused+amp"))
     variants, changes = [], {}
     for name, change, optimizer in steps:
         changes = {**changes, **change}
@@ -231,11 +235,12 @@ def ablation(config, options: dict, rounds: int) -> list[dict]:
             if optimizer == "plain":
                 for group in opt.param_groups:
                     group.update(fused=None, foreach=False)
-        variants.append({"name": name, "model": model, "opt": opt, "times": []})
+        variants.append({"name": name, "model": model, "opt": opt, "times": [], "amp": optimizer == "fused+amp"})
 
     def one_step(v: dict) -> float:
         start = time.perf_counter()
-        loss = sum(v["model"](images, targets).values())
+        with autocast_context(torch.device("cpu"), v["amp"]):
+            loss = sum(v["model"](images, targets).values())
         v["opt"].zero_grad()
         loss.backward()
         v["opt"].step()

@@ -5,6 +5,9 @@ Builds the model and data exactly as ``python train.py [FLAGS]`` would, takes on
 
     python bench/profile_step.py                      # the no-argument quick start
     python bench/profile_step.py --box-batch-size-per-image 512
+    python bench/profile_step.py --no-amp             # fp32 where the default is bf16 (AMX CPUs)
+
+The step runs under the run's autocast setting (``--amp``; by default bf16 on a CPU with AMX).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 def main() -> None:
     import train
     from datasets import build_dataset
+    from engine.evaluation import autocast_context
     from engine.optim import build_optimizer
     from models import build_model
     from transforms import build_transforms
@@ -38,8 +42,11 @@ def main() -> None:
     batch = [dataset[i % len(dataset)] for i in range(5, 5 + config.batch_size)]
     images, targets = [image for image, _ in batch], [target for _, target in batch]
 
+    device = torch.device("cpu")
+
     def step() -> None:
-        loss = sum(model(images, targets).values())
+        with autocast_context(device, config.amp):
+            loss = sum(model(images, targets).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -49,7 +56,8 @@ def main() -> None:
     start = time.perf_counter()
     for _ in range(2):
         step()
-    print(f"{config.model}, {config.batch_size} images, {torch.get_num_threads()} threads: "
+    print(f"{config.model}, {config.batch_size} images, {torch.get_num_threads()} threads, "
+          f"{'bf16 autocast' if config.amp else 'fp32'}: "
           f"{(time.perf_counter() - start) / 2:.3f} s/step")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()

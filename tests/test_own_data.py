@@ -103,6 +103,29 @@ def test_a_flag_for_the_run_length_replaces_the_datasets_epochs_and_budget():
     assert (both.epochs, both.max_time) == (3, 60.0)
 
 
+def test_bf16_steps_are_the_default_only_on_a_cpu_with_amx(monkeypatch):
+    """bf16 autocast is on by default where the CPU multiplies bf16 in hardware (AMX) and oneDNN
+    may use it; an ISA cap below AMX, another CPU, CUDA or ``--no-amp`` keep fp32."""
+    from engine import config as config_module
+    from engine.config import resolve_config
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert config_module.cpu_has_fast_bf16()
+    assert resolve_config({"device": "cpu"}, {}).amp is True
+    assert resolve_config({"device": "cpu", "amp": False}, {}).amp is False
+    assert resolve_config({"device": "cuda"}, {}).amp is False
+    assert resolve_config({"device": "cuda", "amp": True}, {}).amp is True
+    for cap, fast in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_AMX", True), ("ALL", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert config_module.cpu_has_fast_bf16() is fast, cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_config({"device": "cpu"}, {}).amp is False
+    args = train.get_args_parser().parse_args(["--no-amp"])
+    assert train.config_from_args(args).amp is False
+
+
 def test_max_time_fixes_the_run_length_and_resume_keeps_it(tmp_path):
     budget = 25
     started = time.time()
