@@ -168,7 +168,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--clip-grad-norm", type=float, default=S, help="max gradient norm, 0 disables")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=S,
                    help="mixed precision in the training steps (fp16 on CUDA, bf16 on CPU); default: on for a CPU "
-                        "with AMX bf16 units (about 1.5x faster steps), off elsewhere; evaluation runs in fp32")
+                        "with AMX bf16 units (1.3-1.4x faster steps), off elsewhere; evaluation runs in fp32")
     g.add_argument("--max-nonfinite", type=int, default=S, help="consecutive non-finite losses before stopping")
 
     g = p.add_argument_group("evaluation, checkpoints, run")
