@@ -28,12 +28,17 @@ def main() -> None:
     from engine.optim import build_optimizer
     from models import build_model
     from transforms import build_transforms
+    from transforms.preprocess import Preprocessing
     from transforms.presets import crop_size_for
 
-    config = train.config_from_args(train.get_args_parser().parse_args(sys.argv[1:]))
-    options = config.data_options()
-    dataset = build_dataset(config.dataset, "train", options,
-                            build_transforms(config.data_augmentation, True, crop_size=crop_size_for(config.input_scale)))
+    args = train.get_args_parser().parse_args(sys.argv[1:])
+    config = train.config_from_args(args)
+    dataset = build_dataset(config.dataset, "train", config.data_options(), None)
+    # What train.py decides from the data (input scale, anchors, caps, channels) before building the
+    # model: without it a folder dataset would be profiled at torchvision's min_size 800.
+    config = train.resolve_from_data(config, train.pinned_options(args), dataset)
+    dataset.transforms = build_transforms(config.data_augmentation, True, Preprocessing.from_config(config.to_dict()),
+                                          crop_size=crop_size_for(config.input_scale))
     model = build_model(config.model, len(dataset.class_names), config.model_options(), config.weights,
                         config.weights_backbone)
     model.train()
@@ -56,7 +61,8 @@ def main() -> None:
     start = time.perf_counter()
     for _ in range(2):
         step()
-    print(f"{config.model}, {config.batch_size} images, {torch.get_num_threads()} threads, "
+    print(f"{config.model}, {config.batch_size} images of {[tuple(i.shape[-2:]) for i in images]} "
+          f"(input scale {config.input_scale}), {torch.get_num_threads()} threads, "
           f"{'bf16 autocast' if config.amp else 'fp32'}: "
           f"{(time.perf_counter() - start) / 2:.3f} s/step")
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -275,3 +275,69 @@ def test_anchors_proposals_and_boxes_stay_float32_under_bf16_autocast():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model([image])[0]
     assert seen["proposals"][0].dtype == torch.float32 and out["boxes"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_roi_align_gather_equals_torchvisions(aligned):
+    """``models.pooling``: torchvision's forward, and a gradient equal to torchvision's CPU kernel
+    (to float rounding) for RoIs inside, across and beyond the feature map's edges, in fp32 and
+    for bf16 features under autocast."""
+    from torchvision.ops import roi_align
+
+    from models.pooling import roi_align_gather
+
+    torch.manual_seed(0)
+    features = torch.randn(2, 8, 40, 48)
+    corner = torch.rand(60, 2) * torch.tensor([200.0, 170.0]) - 10   # some start left of / above the map
+    size = torch.rand(60, 2) * 60 + 0.3                               # tiny to larger than the map's edge
+    rois = torch.cat([torch.randint(0, 2, (60, 1)).float(), corner, corner + size], 1)
+    for output_size, layout in (((7, 7), torch.contiguous_format), ((14, 14), torch.channels_last), ((3, 5), torch.channels_last)):
+        ours = features.clone(memory_format=layout).requires_grad_()
+        theirs = features.clone().requires_grad_()
+        a = roi_align_gather(ours, rois, output_size, 0.25, 2, aligned)
+        b = roi_align(theirs, rois, output_size, 0.25, 2, aligned)
+        assert a.grad_fn is not None and b.abs().max() > 0.5
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        grad = torch.randn_like(b)
+        a.backward(grad)
+        b.backward(grad)
+        assert theirs.grad.abs().max() > 0.1
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-5)
+    half = features.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = roi_align_gather(half, rois, (7, 7), 0.25, 2, aligned)
+    assert pooled.dtype == torch.bfloat16
+    pooled.float().sum().backward()
+    reference = features.bfloat16().float().requires_grad_()
+    roi_align(reference, rois, (7, 7), 0.25, 2, aligned).sum().backward()
+    torch.testing.assert_close(half.grad.float(), reference.grad, rtol=2e-2, atol=2e-2)
+    empty = roi_align_gather(features.clone().requires_grad_(), rois[:0], (7, 7), 0.25, 2, aligned)
+    assert empty.shape == (0, 8, 7, 7)
+
+
+def test_models_are_channels_last_and_pool_by_gather_only_while_recording_gradients():
+    """Built models are channels-last and their poolers gather in training; inference runs
+    torchvision's pooler (identical outputs), and TorchScript gets torchvision's class."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from models.pooling import GatherMultiScaleRoIAlign
+    from models.zoo import with_torchvision_classes
+
+    model = build_model("maskrcnn_resnet18_fpn", 1, ModelOptions(input_scale=1.0))
+    assert model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    pooler = model.roi_heads.mask_roi_pool
+    assert type(pooler) is GatherMultiScaleRoIAlign
+    torch.manual_seed(0)
+    features = {name: torch.randn(1, 4, 64 // 2 ** i, 64 // 2 ** i) for i, name in enumerate(["0", "1", "2", "3"])}
+    boxes = [torch.tensor([[3.0, 4.0, 40.0, 50.0], [100.0, 90.0, 250.0, 240.0], [10.0, 10.0, 20.0, 16.0]])]
+    with torch.no_grad():
+        expected = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)(features, boxes, [(256, 256)])
+        assert torch.equal(pooler(features, boxes, [(256, 256)]), expected)
+    leaves = {k: v.clone().requires_grad_() for k, v in features.items()}
+    pooled = pooler(leaves, boxes, [(256, 256)])
+    assert pooled.grad_fn is not None
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
+    pooled.sum().backward()
+    assert all(leaf.grad is not None for leaf in leaves.values())
+    with_torchvision_classes(model)
+    assert type(model.roi_heads.mask_roi_pool) is MultiScaleRoIAlign
