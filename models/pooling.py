@@ -46,32 +46,56 @@ def _sample_axis(start: Tensor, length: Tensor, pooled: int, ratio: int, size: i
     return low, high, (1 - frac) * inside, frac * inside
 
 
-def _taps(shape: torch.Size, rois: Tensor, output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int,
-          aligned: bool) -> tuple[Tensor, Tensor]:
+def _taps(shape: tuple[int, ...], rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
+          sampling: tuple[int, int], aligned: bool) -> tuple[Tensor, Tensor]:
     """For every output bin (row: RoI-major, then bin row and column) the feature pixels it reads
-    (flat indices into the (N·H·W) pixels, ``(2·sampling_ratio)²`` per bin) and their weights:
-    bilinear weight × 1 / samples per bin, 0 for samples outside the map."""
+    (flat indices into the N·H·W pixels of ``shape`` (N, C, H, W), ``4·sy·sx`` per bin for
+    ``sampling`` = (sy, sx) samples per bin) and their weights: bilinear weight / samples per
+    bin, 0 for samples outside the map."""
     n, c, h, w = shape
     ph, pw = output_size
+    sy, sx = sampling
     k = rois.shape[0]
     offset = 0.5 if aligned else 0.0
     x1, y1, x2, y2 = (rois[:, i] * spatial_scale - offset for i in range(1, 5))
     roi_w, roi_h = x2 - x1, y2 - y1
     if not aligned:   # torchvision's legacy mode makes every RoI at least one pixel
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-    y_low, y_high, wy_low, wy_high = _sample_axis(y1, roi_h, ph, sampling_ratio, h)
-    x_low, x_high, wx_low, wx_high = _sample_axis(x1, roi_w, pw, sampling_ratio, w)
-    taps = 2 * sampling_ratio   # pixels read per bin along each axis: each sample's low and high
-    rows = torch.stack([y_low, y_high], -1).view(k, ph, taps)
-    row_weights = torch.stack([wy_low, wy_high], -1).view(k, ph, taps)
-    cols = torch.stack([x_low, x_high], -1).view(k, pw, taps)
-    col_weights = torch.stack([wx_low, wx_high], -1).view(k, pw, taps)
+    y_low, y_high, wy_low, wy_high = _sample_axis(y1, roi_h, ph, sy, h)
+    x_low, x_high, wx_low, wx_high = _sample_axis(x1, roi_w, pw, sx, w)
+    rows = torch.stack([y_low, y_high], -1).view(k, ph, 2 * sy)   # each sample's low and high pixel
+    row_weights = torch.stack([wy_low, wy_high], -1).view(k, ph, 2 * sy)
+    cols = torch.stack([x_low, x_high], -1).view(k, pw, 2 * sx)
+    col_weights = torch.stack([wx_low, wx_high], -1).view(k, pw, 2 * sx)
     image = rois[:, 0].long()
     pixel = ((image[:, None, None, None, None] * h + rows[:, :, None, :, None]) * w
-             + cols[:, None, :, None, :]).reshape(k * ph * pw, taps * taps)
+             + cols[:, None, :, None, :]).reshape(k * ph * pw, 4 * sy * sx)
     weight = ((row_weights[:, :, None, :, None] * col_weights[:, None, :, None, :])
-              / (sampling_ratio * sampling_ratio)).reshape(k * ph * pw, taps * taps)
+              / (sy * sx)).reshape(k * ph * pw, 4 * sy * sx)
     return pixel, weight
+
+
+def pool_masks(masks: Tensor, rois: Tensor, size: int) -> Tensor:
+    """``roi_align(masks[:, None].float(), rois, (size, size), 1.0, -1, aligned=True)[:, 0]``
+    (torchvision's adaptive sampling: ``ceil(roi side / size)`` samples per bin and axis) without
+    the float copy of ``masks`` (N, H, W), any dtype: only the pixels the bins read are gathered.
+    For the mask head's training targets, where that copy of a crop's matched instances cost
+    more than the targets (31 × 512² floats: 47 ms, 64 targets of 28²)."""
+    n, h, w = masks.shape
+    out = torch.zeros(rois.shape[0], size * size, dtype=torch.float32, device=masks.device)
+    if rois.shape[0] == 0:
+        return out.view(0, size, size)
+    rois = rois.float()
+    grid_h = torch.ceil((rois[:, 4] - rois[:, 2]) / size).long()
+    grid_w = torch.ceil((rois[:, 3] - rois[:, 1]) / size).long()
+    flat = masks.reshape(-1)
+    for sy, sx in torch.unique(torch.stack([grid_h, grid_w], 1), dim=0).tolist():
+        if sy <= 0 or sx <= 0:   # an empty RoI reads nothing (torchvision: zero samples, value 0)
+            continue
+        index = torch.nonzero((grid_h == sy) & (grid_w == sx))[:, 0]
+        pixel, weight = _taps((n, 1, h, w), rois[index], (size, size), 1.0, (sy, sx), True)
+        out[index] = (flat[pixel].float() * weight).sum(1).view(index.shape[0], size * size)
+    return out.view(-1, size, size)
 
 
 class _RoIAlign(torch.autograd.Function):
@@ -83,7 +107,7 @@ class _RoIAlign(torch.autograd.Function):
                 sampling_ratio: int, aligned: bool) -> Tensor:
         n, c, h, w = features.shape
         k = rois.shape[0]
-        pixel, weight = _taps(features.shape, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        pixel, weight = _taps(features.shape, rois, output_size, spatial_scale, (sampling_ratio,) * 2, aligned)
         ctx.save_for_backward(pixel, weight)
         ctx.shape = features.shape
         rows = features.permute(0, 2, 3, 1).reshape(n * h * w, c)   # a view for channels-last features

@@ -32,14 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
-from torchvision.ops import roi_align
+
+from models.pooling import pool_masks
 
 
 def aligned_mask_targets(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor, size: int) -> Tensor:
     """``size×size`` float targets: ``gt_masks[matched_idxs[i]]`` sampled over ``boxes[i]``
-    (image pixels, xyxy) with pixel ``k`` centred at ``k + 0.5``, as boxes and the paste read it."""
+    (image pixels, xyxy) with pixel ``k`` centred at ``k + 0.5``, as boxes and the paste read it
+    (``roi_align(..., aligned=True)``, gathering only the pixels read: ``models.pooling.pool_masks``)."""
     rois = torch.cat([matched_idxs[:, None].to(boxes), boxes], dim=1)
-    return roi_align(gt_masks[:, None].to(boxes), rois, (size, size), 1.0, -1, True)[:, 0]
+    return pool_masks(gt_masks, rois, size).to(boxes.dtype)
 
 
 def mask_loss(mask_logits: Tensor, proposals: List[Tensor], gt_masks: List[Tensor], gt_labels: List[Tensor],

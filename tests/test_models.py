@@ -341,3 +341,31 @@ def test_models_are_channels_last_and_pool_by_gather_only_while_recording_gradie
     assert all(leaf.grad is not None for leaf in leaves.values())
     with_torchvision_classes(model)
     assert type(model.roi_heads.mask_roi_pool) is MultiScaleRoIAlign
+
+
+def test_pool_masks_equals_torchvisions_adaptive_aligned_roi_align():
+    """``models.pooling.pool_masks`` (the mask head's targets) gathers from uint8 masks what
+    torchvision's ``roi_align(..., sampling_ratio=-1, aligned=True)`` computes from a float copy:
+    small RoIs (one sample per bin), large ones (several, different per axis), RoIs at the edges,
+    and empty ones."""
+    from torchvision.ops import roi_align
+
+    from models.pooling import pool_masks
+
+    torch.manual_seed(1)
+    masks = (torch.rand(5, 90, 120) > 0.5).to(torch.uint8)
+    corner = torch.rand(80, 2) * torch.tensor([130.0, 100.0]) - 5
+    size = torch.rand(80, 2) * torch.tensor([90.0, 70.0]) + 0.5
+    boxes = torch.cat([corner, corner + size], 1)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, 120)     # proposals are clipped to the image
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, 90)
+    boxes[:3, 2] = boxes[:3, 0]                       # zero width
+    rois = torch.cat([torch.randint(0, 5, (80, 1)).float(), boxes], 1)
+    for size in (28, 14):
+        expected = roi_align(masks[:, None].float(), rois, (size, size), 1.0, -1, True)[:, 0]
+        got = pool_masks(masks, rois, size)
+        assert got.dtype == torch.float32 and expected.amax() == 1 and (expected[:3] == 0).all()
+        grids = torch.ceil((rois[:, 3:5] - rois[:, 1:3]) / size)
+        assert grids.max() >= 3 and (grids[:, 0] != grids[:, 1]).any()   # adaptive sampling exercised
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert pool_masks(masks, rois[:0], 28).shape == (0, 28, 28)
