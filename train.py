@@ -343,15 +343,16 @@ def searches_test_scale(config: TrainConfig, pinned: set[str]) -> bool:
 
 
 def choose_test_scale(search: TestScaleSearch, config: TrainConfig, report: dict, run_dir: Path,
-                      is_main: bool) -> tuple[TrainConfig, dict]:
-    """Run ``search`` after the final validation (``report``), log it, and store the chosen test
-    scale in the run's config.json and checkpoints; the report at that scale replaces ``report``
-    in eval_report.json. → ``(config, report)``."""
+                      is_main: bool, deadline: float | None = None) -> tuple[TrainConfig, dict]:
+    """Run ``search`` after the final validation (``report``), within a time budget's
+    ``deadline`` if there is one, log it, and store the chosen test scale in the run's
+    config.json and checkpoints; the report at that scale replaces ``report`` in
+    eval_report.json. → ``(config, report)``."""
     started = time.time()
     epoch = -1
     if is_main and (run_dir / "eval_report.json").is_file():
         epoch = json.loads((run_dir / "eval_report.json").read_text()).get("epoch", -1)
-    scale, report, numbers = search(epoch, report)
+    scale, report, numbers = search(epoch, report, deadline)
     tried = ", ".join(f"×{f:g} {n.get(config.best_metric, float('nan')):.4f}" for f, n in numbers.items())
     log.info("test scale %g (×%g the training scale %g), chosen by %s on %d validation image(s): %s (%.1f s)",
              scale, scale / config.input_scale, config.input_scale, config.best_metric,
@@ -512,7 +513,8 @@ def main(args: argparse.Namespace, started: float | None = None,
         report = trainer.train()
         log.info("training took %.1f s", time.time() - started)
         if report and search is not None:
-            config, report = choose_test_scale(search, config, report, run_dir, dist_info.is_main)
+            config, report = choose_test_scale(search, config, report, run_dir, dist_info.is_main,
+                                               trainer.deadline)
     if report and dist_info.is_main:
         write_json_atomic(run_dir / "report.json", report)
         flat = headline(report)

@@ -25,7 +25,7 @@ training steps only (from the first to the last step, data waits included; evalu
 The ablation times one fixed batch through the torchvision configuration with the trainer's
 changes added one at a time (native scale from the data, fewer sampled RoIs, RPN top-k, mask targets
 from the matched instances (pixel-aligned), banded anchor matching, BatchNorm in the FPN and mask head, the optimizer, its fused
-kernels, and bf16 autocast where train.py turns it on: CPUs with AMX); variants run interleaved, round after round, so a machine that slows down slows all.
+kernels, RoIAlign by gather (``models/pooling.py``), channels-last weights, and bf16 autocast where train.py turns it on: CPUs with AMX); variants run interleaved, round after round, so a machine that slows down slows all.
 """
 from __future__ import annotations
 
@@ -82,14 +82,16 @@ def trainer_config(train_flags: list[str]):
 
 
 def torchvision_model(config, num_classes: int, matched_mask_targets: bool = False, banded_matching: bool = False,
-                      **changes):
+                      gather_roi_align: bool = False, channels_last: bool = False, **changes):
     """The trainer's model class with torchvision's settings, ``changes`` applied; torchvision's
-    own ``RoIHeads`` unless ``matched_mask_targets`` (``models/roi_heads.py``) and its own RPN
-    unless ``banded_matching`` (``models/rpn.py``)."""
+    own ``RoIHeads`` unless ``matched_mask_targets`` (``models/roi_heads.py``), its own RPN
+    unless ``banded_matching`` (``models/rpn.py``), its own RoI poolers unless
+    ``gather_roi_align`` (``models/pooling.py``), contiguous weights unless ``channels_last``."""
     import dataclasses
 
     from torchvision.models.detection.roi_heads import RoIHeads
     from torchvision.models.detection.rpn import RegionProposalNetwork
+    from torchvision.ops import MultiScaleRoIAlign
 
     from models.zoo import ModelOptions, assemble_model
     options = dataclasses.replace(ModelOptions(), **{**TORCHVISION_OPTIONS, **changes})
@@ -98,6 +100,11 @@ def torchvision_model(config, num_classes: int, matched_mask_targets: bool = Fal
         model.roi_heads.__class__ = RoIHeads
     if not banded_matching:
         model.rpn.__class__ = RegionProposalNetwork
+    if not gather_roi_align:
+        for pooler in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+            pooler.__class__ = MultiScaleRoIAlign
+    if not channels_last:
+        model = model.to(memory_format=torch.contiguous_format)
     return model
 
 
@@ -218,6 +225,8 @@ def ablation(config, options: dict, rounds: int) -> list[dict]:
         (f"+ --head-norm {config.head_norm} (FPN and mask head)", {"head_norm": config.head_norm}, False),
         (f"+ the trainer's optimizer ({config.opt}), per-tensor kernels", {}, "plain"),
         ("+ fused optimizer kernels", {}, "fused"),
+        ("+ RoIAlign by gather and scatter-add in training", {"gather_roi_align": True}, "fused"),
+        ("+ channels-last weights", {"channels_last": True}, "fused"),
     ]
     if config.amp:   # train.py's default on a CPU with AMX (engine.config.cpu_has_fast_bf16)
         steps.append(("+ bf16 autocast (the default on CPUs with AMX)", {}, "fused+amp"))

@@ -214,6 +214,7 @@ class _ScoredValidation:
     def __init__(self, transform, scores: dict[float, float], images: int, calls: list):
         self.transform, self.scores, self.calls = transform, scores, calls
         self.loader = type("Loader", (), {"dataset": list(range(images))})()
+        self.last_seconds = 10.0   # as if the validation at the training scale took 10 s
 
     def subset(self, max_images: int):
         return self if len(self.loader.dataset) <= max_images else _ScoredValidation(
@@ -250,6 +251,29 @@ def test_test_scale_search_keeps_the_best_factor_and_scores_it_on_the_whole_spli
     assert TestScaleSearch(validation, transform, "segm_AP", max_images=32)(0, at_training_scale)[0] == 3.0
 
 
+def test_test_scale_search_tries_only_the_factors_that_fit_in_the_time_budget(caplog):
+    """With a time budget's deadline the search stops before a factor whose evaluation would end
+    after it (cost: the last validation's seconds × factor²); with none left it keeps the training
+    scale and its report."""
+    import time
+
+    from engine.evaluation import TestScaleSearch
+    from models.scale import ScaleTransform
+
+    transform = ScaleTransform(1.0, [0.0] * 3, [1.0] * 3)
+    calls: list = []
+    validation = _ScoredValidation(transform, {1.0: 0.1, 1.25: 0.3, 1.5: 0.35}, 4, calls)
+    at_training_scale = validation(0)
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="engine.evaluation"):
+        scale, report, numbers = TestScaleSearch(validation, transform, "segm_AP")(0, at_training_scale,
+                                                                                 time.time() + 12)
+    assert calls == [] and scale == 1.0 and transform.test_scale == 1.0 and report is at_training_scale
+    assert list(numbers) == [1.0] and "×1.25 and larger not tried" in caplog.text
+    scale, _, numbers = TestScaleSearch(validation, transform, "segm_AP")(0, at_training_scale, time.time() + 60)
+    assert scale == 1.5 and sorted(numbers) == [1.0, 1.25, 1.5]
+
+
 def test_metrics_writer_keeps_json_lines(tmp_path):
     writer = MetricsWriter(tmp_path, enabled=True)
     writer.write({"type": "train", "loss": 1.5, "epoch": 0}, step=3)
@@ -272,3 +296,29 @@ def test_metrics_writer_mirrors_scalars_to_tensorboard(tmp_path):
     assert events.Tags()["scalars"] == ["val/segm_AP"]
     (scalar,) = events.Scalars("val/segm_AP")
     assert scalar.step == 7 and scalar.value == pytest.approx(0.25)
+
+
+def test_evaluation_estimate_times_the_densest_image_with_every_detection_kept(monkeypatch):
+    """``Validation.estimate_seconds`` (a time budget's reserve for the final evaluation) times
+    the validation image with the most objects, with the score threshold at 0 (a trained model's
+    detection count, not an early one's), and restores the threshold."""
+    import types
+
+    import engine.evaluation as evaluation
+
+    heads = types.SimpleNamespace(score_thresh=0.05)
+    model = types.SimpleNamespace(roi_heads=heads)
+    timed = []
+
+    def fake_time(model, dataset, coco_gt, device, max_dets, amp=False, index=0):
+        timed.append((index, model.roi_heads.score_thresh))
+        return 2.0
+
+    monkeypatch.setattr(evaluation, "time_one_evaluation", fake_time)
+    dataset = type("D", (), {"image_ids": [11, 12, 13], "__len__": lambda self: 3})()
+    coco_gt = {"images": [{"id": i} for i in (11, 12, 13)],
+               "annotations": [{"image_id": i} for i in (11, 12, 12, 12, 13, 13)]}
+    loader = types.SimpleNamespace(dataset=dataset)
+    validation = evaluation.Validation(model, loader, coco_gt, None, 100)
+    assert validation.estimate_seconds() == pytest.approx(3 * 2.0 * 1.5 + 5.0)
+    assert timed == [(1, 0.0), (1, 0.0)] and heads.score_thresh == 0.05
