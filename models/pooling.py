@@ -127,7 +127,7 @@ class _RoIAlign(torch.autograd.Function):
 
 
 def roi_align_gather(features: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
-                            sampling_ratio: int, aligned: bool = False) -> Tensor:
+                     sampling_ratio: int, aligned: bool = False) -> Tensor:
     """``torchvision.ops.roi_align`` (rois as (K, 5) with the image index first), as ``_RoIAlign``
     when it records a gradient on CPU with a fixed ``sampling_ratio``, else torchvision's. Like
     torchvision's under autocast, it samples in fp32 and returns the features' dtype."""
