@@ -222,7 +222,7 @@ class TestScaleSearch:
             for factor in self.factors:
                 if factor in reports:
                     continue
-                rescore = 0.0 if self.subset is self.validation else self.validation.last_seconds * factor ** 2
+                rescore = 0.0 if self.subset is self.validation or factor == 1.0 else self.validation.last_seconds * factor ** 2
                 needed = per_unit * factor ** 2 + rescore
                 if deadline is not None and per_unit > 0 and distributed.broadcast_object(time.time() + needed > deadline):
                     log.warning("test scale ×%g and larger not tried: about %.0f s, and the time budget has %.0f s "

@@ -32,7 +32,7 @@ from engine.config import TrainConfig
 from engine.data import STOP_SIGNALS
 from engine.evaluation import autocast_context, headline
 from engine.logging import MetricLogger, MetricsWriter, plot_metrics
-from engine.optim import Schedule, plan_schedule
+from engine.optim import Schedule, match_state_layout, plan_schedule
 from utils.io import OutputError, remove_pending_temp_files, write_json_atomic
 
 log = logging.getLogger("trainer")
@@ -195,6 +195,7 @@ class Trainer:
         of older versions (without ``global_step``, ``schedule`` or the counters) load too."""
         self.model_without_ddp.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        match_state_layout(self.optimizer)   # moments saved before the models were channels-last
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.start_iteration = int(state["epoch"]), int(state["iteration"])

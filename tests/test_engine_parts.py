@@ -322,3 +322,38 @@ def test_evaluation_estimate_times_the_densest_image_with_every_detection_kept(m
     validation = evaluation.Validation(model, loader, coco_gt, None, 100)
     assert validation.estimate_seconds() == pytest.approx(3 * 2.0 * 1.5 + 5.0)
     assert timed == [(1, 0.0), (1, 0.0)] and heads.score_thresh == 0.05
+
+
+def test_resumed_optimizer_moments_take_the_channels_last_layout_of_the_weights():
+    """Checkpoints from before the models were channels-last hold contiguous Adam moments; the
+    fused kernel pairs elements by memory position, so ``match_state_layout`` (called by the
+    trainer's ``load_state_dict``) gives them the weights' layout and the resumed step is exact."""
+    import copy
+
+    from engine.optim import match_state_layout
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+    reference = copy.deepcopy(conv)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=0.1, fused=True) for m in (conv, reference)]
+    x = torch.randn(2, 4, 10, 10)
+
+    def step(model, optimizer):
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        optimizer.step()
+
+    for model, optimizer in zip((conv, reference), optimizers):
+        step(model, optimizer)
+    saved = optimizers[0].state_dict()
+    for state in saved["state"].values():    # as an older checkpoint holds them
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.dim() == 4:
+                state[key] = value.contiguous()
+    optimizers[0].load_state_dict(saved)
+    assert not optimizers[0].state[conv.weight]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    assert match_state_layout(optimizers[0]) == 2          # the weight's two moments
+    assert optimizers[0].state[conv.weight]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    for model, optimizer in zip((conv, reference), optimizers):
+        step(model, optimizer)
+    torch.testing.assert_close(conv.weight, reference.weight, rtol=0, atol=1e-6)

@@ -367,5 +367,7 @@ def test_pool_masks_equals_torchvisions_adaptive_aligned_roi_align():
         assert got.dtype == torch.float32 and expected.amax() == 1 and (expected[:3] == 0).all()
         grids = torch.ceil((rois[:, 3:5] - rois[:, 1:3]) / size)
         assert grids.max() >= 3 and (grids[:, 0] != grids[:, 1]).any()   # adaptive sampling exercised
+        samples = grids.prod(1)
+        assert ((samples > 0) & (samples <= 4)).any() and (samples > 4).any()   # gathered, and copied to float
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert pool_masks(masks, rois[:0], 28).shape == (0, 28, 28)
