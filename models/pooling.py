@@ -52,7 +52,7 @@ def _taps(shape: tuple[int, ...], rois: Tensor, output_size: tuple[int, int], sp
     (flat indices into the N·H·W pixels of ``shape`` (N, C, H, W), ``4·sy·sx`` per bin for
     ``sampling`` = (sy, sx) samples per bin) and their weights: bilinear weight / samples per
     bin, 0 for samples outside the map."""
-    n, c, h, w = shape
+    n, _, h, w = shape
     ph, pw = output_size
     sy, sx = sampling
     k = rois.shape[0]
