@@ -492,7 +492,7 @@ def main(args: argparse.Namespace, started: float | None = None,
     eval_seconds = validation.estimate_seconds
     if search is not None:   # the budget's final evaluation includes the search
         def eval_seconds() -> float:
-            return validation.estimate_seconds() * (1 + search.cost())
+            return validation.estimate_seconds(1 + search.cost())
     trainer = Trainer(config, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer,
                       lr_scheduler=lr_scheduler, scaler=scaler, schedule=schedule, class_names=class_names,
                       train_loader=loader, batch_sampler=batch_sampler,

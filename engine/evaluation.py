@@ -55,9 +55,10 @@ def predict_loader(model: torch.nn.Module, loader, device: torch.device, amp: bo
 
 
 def time_one_evaluation(model: torch.nn.Module, dataset, coco_gt: dict, device: torch.device, max_dets: int,
-                        amp: bool = False, index: int = 0) -> float:
+                        amp: bool = False, index: int = 0) -> tuple[float, int]:
     """Seconds to load, predict, convert and score ``dataset[index]`` — what evaluation pays per
-    image (workers, the loop and the merge add to it); leaves ``model`` in eval mode."""
+    image (workers, the loop and the merge add to it) — and the number of detections the model
+    kept; leaves ``model`` in eval mode."""
     start = time.perf_counter()
     image, target = dataset[index]
     model.eval()
@@ -69,7 +70,7 @@ def time_one_evaluation(model: torch.nn.Module, dataset, coco_gt: dict, device: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         evaluate_predictions(one, results, max_dets, validate=False)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, len(results)
 
 
 def gather_results(per_image: dict[Any, list[dict]]) -> list[dict]:
@@ -141,35 +142,67 @@ class Validation:
         return Validation(self.model, loader, gt, self.device, self.max_dets, self.amp, self.sartorius_score_thresh,
                           self.class_names, dist_info=self.dist)
 
-    def estimate_seconds(self) -> float:
-        """The validation image with the most objects loaded, predicted and scored (twice: the
-        first call pays one-off start-up costs) with every detection the score threshold would
-        drop kept, times this rank's share of the split, with room for the loader start-up and
-        the merge. Leaves the model in eval mode.
+    def estimate_seconds(self, evaluations: float = 1.0) -> float:
+        """What ``evaluations`` calls (1 + the test-scale search's ``TestScaleSearch.cost()``)
+        will take on this rank, estimated from the validation image with the most objects
+        (loaded, predicted and scored; leaves the model in eval mode).
 
         The estimate is made after the first training steps, when few detections clear the score
-        threshold, while a trained model's approach the cap and the mask head, the paste and the
-        scoring grow with them, most on the densest images: on MoNuSeg (cap 2,800) the first
-        image (398 nuclei) timed 1.0 s early, a validation of 5 images took 23 s at the end, and
-        a 20-minute budget ended 55 s late."""
+        threshold, while a trained model keeps about ``DETECTIONS_PER_OBJECT`` per object (up to
+        the cap), and the mask head, the paste and the scoring grow with them. So the densest
+        image is timed with the score threshold at 0 (twice: the first call pays one-off
+        start-up costs) and once more with a single detection; the difference prices one
+        detection, the single-detection time prices the image's pixels. Every image is then
+        costed by its own pixels and objects, with a quarter more for what varies and a fixed
+        ``EVAL_FIXED_SECONDS`` for the loader start-up and the merge. (Costing every image as the
+        densest, with half more, reserved 5 min 20 s of a 20-minute MoNuSeg budget for 2 min 45 s
+        of evaluation and search, and 3 of the quick start's minutes for half a minute; costed
+        by image, the validation's 33 s was estimated at 35 s.)"""
         dataset = self.loader.dataset
         n = math.ceil(len(dataset) / self.dist.world_size)
         if n == 0:
             return 0.0
         objects = Counter(a["image_id"] for a in self.coco_gt.get("annotations", []))
         ids = list(getattr(dataset, "image_ids", []))
-        densest = max(range(len(ids)), key=lambda i: objects.get(ids[i], 0)) if len(ids) == len(dataset) else 0
+        known = len(ids) == len(dataset)
+        densest = max(range(len(ids)), key=lambda i: objects.get(ids[i], 0)) if known else 0
         heads = getattr(self.model, "roi_heads", None)
-        score_thresh = getattr(heads, "score_thresh", None)
+        saved = (getattr(heads, "score_thresh", None), getattr(heads, "detections_per_img", None))
+
+        def timed(index: int) -> tuple[float, int]:
+            return time_one_evaluation(self.model, dataset, self.coco_gt, self.device, self.max_dets, self.amp, index)
         try:
-            if score_thresh is not None:
+            if saved[0] is not None:
                 heads.score_thresh = 0.0
-            per_image = min(time_one_evaluation(self.model, dataset, self.coco_gt, self.device, self.max_dets,
-                                                self.amp, densest) for _ in range(2))
+            full, kept = min(timed(densest) for _ in range(2))
+            if saved[1] is not None and known and kept > 1:
+                heads.detections_per_img = 1
+                one, _ = timed(densest)
+            else:
+                one = None
         finally:
-            if score_thresh is not None:
-                heads.score_thresh = score_thresh
-        return n * per_image * 1.5 + 5.0
+            if saved[0] is not None:
+                heads.score_thresh = saved[0]
+            if saved[1] is not None:
+                heads.detections_per_img = saved[1]
+        if one is None:   # no per-image object counts or detections to go by: every image as the densest
+            return n * full * evaluations * EVAL_MARGIN + EVAL_FIXED_SECONDS
+        per_detection = max(full - one, 0.0) / (kept - 1)
+        pixels = {i["id"]: i.get("width", 0) * i.get("height", 0) for i in self.coco_gt.get("images", [])}
+        reference = pixels.get(ids[densest]) or 1
+        seconds = sum(one * (pixels.get(i) or reference) / reference
+                      + per_detection * min(saved[1], DETECTIONS_PER_OBJECT * objects.get(i, 0)) for i in ids)
+        return seconds / self.dist.world_size * evaluations * EVAL_MARGIN + EVAL_FIXED_SECONDS
+
+
+# Detections a trained model keeps per validation image (score ≥ the box head's threshold), per
+# ground-truth object, up to the cap: the quick start's checkpoint keeps 1.6× on its two dense
+# images and about 2× on the sparse ones; MoNuSeg's 20-minute model 4–7× on its sparse images
+# and the cap (2,800) on the dense ones. Too few would leave the test-scale search no time for
+# its largest scale, too many cost training steps.
+DETECTIONS_PER_OBJECT = 5.0
+EVAL_MARGIN = 1.25          # on the estimated prediction time
+EVAL_FIXED_SECONDS = 5.0    # loader start-up, gathering the results, the report
 
 
 # Test scales tried at the end of a run, as factors of the training scale. Small objects

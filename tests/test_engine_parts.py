@@ -298,30 +298,45 @@ def test_metrics_writer_mirrors_scalars_to_tensorboard(tmp_path):
     assert scalar.step == 7 and scalar.value == pytest.approx(0.25)
 
 
-def test_evaluation_estimate_times_the_densest_image_with_every_detection_kept(monkeypatch):
+def test_evaluation_estimate_prices_each_image_by_its_pixels_and_objects(monkeypatch):
     """``Validation.estimate_seconds`` (a time budget's reserve for the final evaluation) times
-    the validation image with the most objects, with the score threshold at 0 (a trained model's
-    detection count, not an early one's), and restores the threshold."""
+    the validation image with the most objects with the score threshold at 0 (a trained model's
+    detection count, not an early one's) and with one detection; from the two it prices one
+    detection and the image's pixels, and costs every image by its own size and objects (up to
+    the cap); thresholds are restored. Without detections to go by, every image costs as the
+    densest."""
     import types
 
     import engine.evaluation as evaluation
 
-    heads = types.SimpleNamespace(score_thresh=0.05)
+    heads = types.SimpleNamespace(score_thresh=0.05, detections_per_img=5)
     model = types.SimpleNamespace(roi_heads=heads)
-    timed = []
+    timed, kept = [], {"full": 21}
 
     def fake_time(model, dataset, coco_gt, device, max_dets, amp=False, index=0):
-        timed.append((index, model.roi_heads.score_thresh))
-        return 2.0
+        timed.append((index, model.roi_heads.score_thresh, model.roi_heads.detections_per_img))
+        return (1.0, 1) if model.roi_heads.detections_per_img == 1 else (3.0, kept["full"])
 
     monkeypatch.setattr(evaluation, "time_one_evaluation", fake_time)
     dataset = type("D", (), {"image_ids": [11, 12, 13], "__len__": lambda self: 3})()
-    coco_gt = {"images": [{"id": i} for i in (11, 12, 13)],
+    coco_gt = {"images": [{"id": 11, "width": 100, "height": 100}, {"id": 12, "width": 100, "height": 100},
+                          {"id": 13, "width": 200, "height": 100}],
                "annotations": [{"image_id": i} for i in (11, 12, 12, 12, 13, 13)]}
-    loader = types.SimpleNamespace(dataset=dataset)
-    validation = evaluation.Validation(model, loader, coco_gt, None, 100)
-    assert validation.estimate_seconds() == pytest.approx(3 * 2.0 * 1.5 + 5.0)
-    assert timed == [(1, 0.0), (1, 0.0)] and heads.score_thresh == 0.05
+    validation = evaluation.Validation(model, types.SimpleNamespace(dataset=dataset), coco_gt, None, 100)
+    per_detection = (3.0 - 1.0) / (21 - 1)
+    objects = {11: 1, 12: 3, 13: 2}
+    cost = {i: (2.0 if i == 13 else 1.0) + per_detection * min(5, evaluation.DETECTIONS_PER_OBJECT * k)
+            for i, k in objects.items()}
+    margin, fixed = evaluation.EVAL_MARGIN, evaluation.EVAL_FIXED_SECONDS
+    assert validation.estimate_seconds() == pytest.approx(sum(cost.values()) * margin + fixed)
+    assert validation.estimate_seconds(3.5) == pytest.approx(sum(cost.values()) * 3.5 * margin + fixed)
+    assert timed[:3] == [(1, 0.0, 5), (1, 0.0, 5), (1, 0.0, 1)]
+    assert (heads.score_thresh, heads.detections_per_img) == (0.05, 5)
+
+    timed.clear()
+    kept["full"] = 0       # an untrained model that keeps nothing even at score 0
+    assert validation.estimate_seconds() == pytest.approx(3 * 3.0 * margin + fixed)
+    assert timed == [(1, 0.0, 5), (1, 0.0, 5)] and (heads.score_thresh, heads.detections_per_img) == (0.05, 5)
 
 
 def test_resumed_optimizer_moments_take_the_channels_last_layout_of_the_weights():
