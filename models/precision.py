@@ -1,4 +1,4 @@
-"""Pixel coordinates stay fp32 under mixed precision (``--amp``; bf16 on CPUs with AMX by default).
+"""Pixel coordinates stay fp32 under mixed precision (``--amp``; bf16 by default on CPUs with bf16 units).
 
 Autocast runs convolutions and linear layers in bf16 (CPU) or fp16 (CUDA), and torchvision
 carries their dtype into coordinates: the anchors are made in the FPN features' dtype, and

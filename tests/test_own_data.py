@@ -103,24 +103,28 @@ def test_a_flag_for_the_run_length_replaces_the_datasets_epochs_and_budget():
     assert (both.epochs, both.max_time) == (3, 60.0)
 
 
-def test_bf16_steps_are_the_default_only_on_a_cpu_with_amx(monkeypatch):
-    """bf16 autocast is on by default where the CPU multiplies bf16 in hardware (AMX) and oneDNN
-    may use it; an ISA cap below AMX, another CPU, CUDA or ``--no-amp`` keep fp32."""
+def test_bf16_steps_are_the_default_only_on_a_cpu_with_bf16_units(monkeypatch):
+    """bf16 autocast is on by default where the CPU multiplies bf16 in hardware (AMX tiles or
+    AVX-512 BF16) and oneDNN may use it; an ISA cap below AVX512_CORE_BF16, another CPU, CUDA or
+    ``--no-amp`` keep fp32."""
     from engine import config as config_module
     from engine.config import resolve_config
 
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert config_module.cpu_has_fast_bf16()
+    for amx, avx512_bf16 in ((True, True), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        assert config_module.cpu_has_fast_bf16(), (amx, avx512_bf16)
     assert resolve_config({"device": "cpu"}, {}).amp is True
     assert resolve_config({"device": "cpu", "amp": False}, {}).amp is False
     assert resolve_config({"device": "cuda"}, {}).amp is False
     assert resolve_config({"device": "cuda", "amp": True}, {}).amp is True
-    for cap, fast in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_AMX", True), ("ALL", True)):
+    for cap, fast in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_VNNI", False),
+                      ("avx512_core_bf16", True), ("AVX512_CORE_AMX", True), ("AVX10_1_512", True), ("ALL", True)):
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
         assert config_module.cpu_has_fast_bf16() is fast, cap
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert resolve_config({"device": "cpu"}, {}).amp is False
     args = train.get_args_parser().parse_args(["--no-amp"])
     assert train.config_from_args(args).amp is False
