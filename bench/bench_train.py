@@ -17,7 +17,7 @@ Flags after ``--`` are train.py's data flags; both arms train on that data.
   gives 0.005 for 4).
 - **ours**: ``train.py`` itself with the same data flags and an epoch count giving the same
   number of steps, through the real trainer (data sizes, preset, schedule, fused optimizer, and
-  bf16 autocast on a CPU with AMX; ``-- --no-amp`` for fp32).
+  bf16 autocast on a CPU with bf16 units, AMX or AVX-512 BF16; ``-- --no-amp`` for fp32).
 
 Both are scored on the validation split with the same maxDets (the trainer's). Images/s counts
 training steps only (from the first to the last step, data waits included; evaluation excluded).
@@ -25,7 +25,7 @@ training steps only (from the first to the last step, data waits included; evalu
 The ablation times one fixed batch through the torchvision configuration with the trainer's
 changes added one at a time (native scale from the data, fewer sampled RoIs, RPN top-k, mask targets
 from the matched instances (pixel-aligned), banded anchor matching, BatchNorm in the FPN and mask head, the optimizer, its fused
-kernels, RoIAlign by gather (``models/pooling.py``), channels-last weights, and bf16 autocast where train.py turns it on: CPUs with AMX); variants run interleaved, round after round, so a machine that slows down slows all.
+kernels, RoIAlign by gather (``models/pooling.py``), channels-last weights, and bf16 autocast where train.py turns it on: CPUs with AMX or AVX-512 BF16); variants run interleaved, round after round, so a machine that slows down slows all.
 """
 from __future__ import annotations
 
@@ -229,8 +229,8 @@ def ablation(config, options: dict, rounds: int) -> list[dict]:
         ("+ RoIAlign by gather and scatter-add in training", {"gather_roi_align": True}, "fused"),
         ("+ channels-last weights", {"channels_last": True}, "fused"),
     ]
-    if config.amp:   # train.py's default on a CPU with AMX (engine.config.cpu_has_fast_bf16)
-        steps.append(("+ bf16 autocast (the default on CPUs with AMX)", {}, "fused+amp"))
+    if config.amp:   # train.py's default on a CPU with bf16 units (engine.config.cpu_has_fast_bf16)
+        steps.append(("+ bf16 autocast (the default on CPUs with bf16 units)", {}, "fused+amp"))
     variants, changes = [], {}
     for name, change, optimizer in steps:
         changes = {**changes, **change}

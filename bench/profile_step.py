@@ -5,9 +5,9 @@ Builds the model and data exactly as ``python train.py [FLAGS]`` would, takes on
 
     python bench/profile_step.py                      # the no-argument quick start
     python bench/profile_step.py --box-batch-size-per-image 512
-    python bench/profile_step.py --no-amp             # fp32 where the default is bf16 (AMX CPUs)
+    python bench/profile_step.py --no-amp             # fp32 where the default is bf16 (CPUs with bf16 units)
 
-The step runs under the run's autocast setting (``--amp``; by default bf16 on a CPU with AMX).
+The step runs under the run's autocast setting (``--amp``; by default bf16 on a CPU with bf16 units: AMX or AVX-512 BF16).
 """
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def test_trainer_evaluate_and_predict_give_identical_predictions(tmp_path):
     run = tmp_path / "runs" / "r"
     config = json.loads((run / "config.json").read_text())
     assert config["channels"] == "gray" and config["intensity"] == "percentile" and config["input_scale"] == 1.0
-    # trained in bf16 where that is the default (a CPU with AMX); every evaluation below runs in fp32
+    # trained in bf16 where that is the default (a CPU with bf16 units); every evaluation below runs in fp32
     assert config["amp"] is cpu_has_fast_bf16()
 
     # 1. the trainer's validation (batch of one: batching pads images, which shifts the numbers)
