@@ -155,7 +155,7 @@ class Validation:
         detection, the single-detection time prices the image's pixels. Every image is then
         costed by its own pixels and objects, with a quarter more for what varies and a fixed
         ``EVAL_FIXED_SECONDS`` for the loader start-up and the merge. (Costing every image as the
-        densest, with half more, reserved 5 min 20 s of a 20-minute MoNuSeg budget for 2 min 45 s
+        densest, with half more, reserved 5 min 20 s of a 20-minute MoNuSeg budget for 2 min 43 s
         of evaluation and search, and 3 of the quick start's minutes for half a minute; costed
         by image, the validation's 33 s was estimated at 35 s.)"""
         dataset = self.loader.dataset
