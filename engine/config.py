@@ -165,11 +165,11 @@ def isa_cap_allows_bf16(cap: str) -> bool:
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware and oneDNN may use it: AMX tiles (Intel Xeon
     since Sapphire Rapids) or AVX-512 BF16 dot products (AMD EPYC since Zen 4, Intel Cooper Lake).
-    There bf16 autocast makes a training step 1.3–1.5× faster at the same accuracy (quick start
+    There bf16 autocast makes a training step 1.2–1.7× faster at the same accuracy (quick start
     with AMX 4 min 8 s → 3 min 6 s, segm AP 0.672 → 0.694, MoNuSeg in 20 minutes 789 steps
     instead of 574, DSB 0.299 → 0.319; on a Zen 4 EPYC 4 min 26 s → 3 min 13 s, segm AP 0.659
-    → 0.699; docs/benchmarks.md); without them oneDNN emulates bf16 and a step is slower than
-    in fp32 (2.5× with AVX-512 alone, 28× with AVX2)."""
+    → 0.699, a MoNuSeg step 1.84 → 1.09 s; docs/benchmarks.md); without them oneDNN emulates
+    bf16 and a step is slower than in fp32 (2.5× with AVX-512 alone, 28× with AVX2)."""
     import os
 
     import torch
