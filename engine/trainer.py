@@ -13,6 +13,7 @@ ignore both signals (engine/data.py).
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from engine import distributed
-from engine.budget import StepTimer, budget_total_iters, format_duration
+from engine.budget import REPLAN_TOLERANCE, StepTimer, budget_total_iters, format_duration
 from engine.checkpoint import CheckpointError, save_checkpoint
 from engine.config import TrainConfig
 from engine.data import STOP_SIGNALS
@@ -160,6 +161,10 @@ class Trainer:
         self._eval_estimate: float | None = None
         self.bad_samples: dict[str, int] = {}   # message naming a skipped sample/annotation → times skipped
         self._pending_bad: list[str] = []
+        # The run's one iterator over ``train_loader`` (endless: engine.data.RunBatches) and the
+        # position its next batch belongs to; dropped when the run ends, which stops the workers.
+        self._batches = None
+        self._batches_at: tuple[int, int] | None = None
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self, epoch: int, iteration: int) -> dict:
@@ -324,6 +329,8 @@ class Trainer:
                 start_iter = 0
                 finished = self.global_step >= self.schedule.total_iters
                 epoch_done = batches_done >= self.iters_per_epoch
+                if finished:
+                    self._close_batches()   # the workers' memory is free for the final evaluation
                 if finished and not epoch_done:
                     log.info("training ends at iteration %d (batch %d of epoch %d), as planned", self.global_step,
                              batches_done, epoch + 1)
@@ -341,6 +348,7 @@ class Trainer:
                 epoch = position[0]
             self._summarise_bad_samples()
         finally:
+            self._close_batches()
             for sig, h in previous.items():
                 signal.signal(sig, h)
             self.writer.close()
@@ -359,11 +367,11 @@ class Trainer:
         return the number of batches of this epoch done."""
         c = self.config
         self.model.train()
-        self.batch_sampler.set_epoch(epoch, start_iter)
         total = self.iters_per_epoch
         logger = MetricLogger(self.device, c.print_freq, header=f"epoch {epoch + 1}/{self.num_epochs}")
         batches_done = start_iter
-        for images, targets, skipped in logger.log_every(self.train_loader, total, start=start_iter):
+        batches = itertools.islice(self._run_batches(epoch, start_iter), total - start_iter)
+        for images, targets, skipped in logger.log_every(batches, total, start=start_iter):
             self._pending_bad.extend(skipped)
             images = [img.to(self.device, non_blocking=True) for img in images]
             targets = [self._clean_target(t) for t in targets]
@@ -408,7 +416,26 @@ class Trainer:
             self._track_time()
             if self.global_step >= self.schedule.total_iters and batches_done < total:
                 break   # the run ends inside this epoch (a time budget chose its length)
+        self._batches_at = (epoch + 1, 0) if batches_done >= total else (epoch, batches_done)
         return batches_done
+
+    def _run_batches(self, epoch: int, start_iter: int):
+        """The run's batch iterator, positioned at batch ``start_iter`` of ``epoch``: the one
+        already running when it stands there (the workers keep going across epochs), else a new one."""
+        if self._batches is None or self._batches_at != (epoch, start_iter):
+            self._close_batches()
+            self.batch_sampler.set_epoch(epoch, start_iter)
+            self._batches = iter(self.train_loader)
+        return self._batches
+
+    def _close_batches(self) -> None:
+        """Stop the run's workers now. Dropping the iterator is not enough: when a stop signal ends
+        the run, the exception's frames keep it alive until the interpreter exits, whose exit
+        handler then waits forever on workers that ignore SIGTERM (engine.data)."""
+        batches, self._batches, self._batches_at = self._batches, None, None
+        shutdown = getattr(batches, "_shutdown_workers", None)   # torch's multi-process loader iterator
+        if shutdown is not None:
+            shutdown()
 
     # -- run length -------------------------------------------------------------------------
     def _track_time(self) -> None:
@@ -470,7 +497,7 @@ class Trainer:
         self._recheck_at = None
         step0, time0, measured = self._recheck_from
         seconds = distributed.broadcast_object((time.time() - time0) / max(self.global_step - step0, 1))
-        if abs(seconds / measured - 1) > 0.2:
+        if abs(seconds / measured - 1) > REPLAN_TOLERANCE:
             before = self.schedule.total_iters
             self._plan_for_budget(seconds)
             log.warning("time budget: the steps take %.2f s, not the %.2f s first measured: the run is re-planned "

@@ -3,6 +3,7 @@ dataset option keys, config-change warnings, the metrics writer. Tiny inputs, se
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -120,14 +121,26 @@ def test_loader_with_workers_gives_the_same_augmented_batches():
     dataset = build_dataset("synthetic", "train", {"synthetic_size": 64, "synthetic_train_images": 4},
                             build_transforms("cells", True))
 
-    def batches(workers):
+    def batches(workers, epochs):
+        """The batches of ``epochs``, each epoch from a new loader iterator."""
+        sampler = TrainBatchSampler([0] * len(dataset), batch_size=2, seed=5)
+        out = []
+        for epoch in epochs:
+            sampler.set_epoch(epoch)
+            out += itertools.islice(train_loader(dataset, sampler, seed=5, workers=workers), len(sampler))
+        return out
+
+    def run(workers):
+        """Epochs 1 and 2 from one iterator (the trainer's way: the workers start once)."""
         sampler = TrainBatchSampler([0] * len(dataset), batch_size=2, seed=5)
         sampler.set_epoch(1)
-        return list(train_loader(dataset, sampler, seed=5, workers=workers))
+        return list(itertools.islice(train_loader(dataset, sampler, seed=5, workers=workers), 2 * len(sampler)))
 
-    alone, with_workers = batches(0), batches(2)
-    assert len(alone) == len(with_workers) == 2
-    for (images_a, targets_a, skipped_a), (images_b, targets_b, skipped_b) in zip(alone, with_workers):
+    alone, with_workers, one_run = batches(0, [1, 2]), batches(2, [1, 2]), run(2)
+    assert len(alone) == len(with_workers) == len(one_run) == 4
+    assert not all(torch.equal(ta["boxes"], tb["boxes"]) for ta, tb in zip(alone[0][1], alone[2][1]))  # new draws
+    for (images_a, targets_a, skipped_a), (images_b, targets_b, skipped_b) in [*zip(alone, with_workers),
+                                                                               *zip(alone, one_run)]:
         assert skipped_a == skipped_b == ()
         for a, b, ta, tb in zip(images_a, images_b, targets_a, targets_b):
             # Same augmentation draws; pixel values agree to float rounding only, because a worker runs
