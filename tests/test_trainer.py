@@ -3,12 +3,14 @@ records, the best checkpoint and checkpoints written by older versions (seconds,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 
 import pytest
 import torch
 
+from engine.budget import FIXED_RESERVE, MARGIN
 from engine.checkpoint import last_trained_epoch, load_checkpoint
 from engine.config import TrainConfig
 from engine.data import TrainBatchSampler, train_loader
@@ -160,3 +162,27 @@ def test_a_final_evaluation_longer_than_the_budget_is_announced(tmp_path, caplog
     message = " ".join(r.getMessage() for r in caplog.records)
     assert "the final evaluation alone takes about 5m00s" in message and "--max-time" in message
     assert (tmp_path / "last.pth").exists()
+
+
+@pytest.mark.parametrize("speed_ratio, replanned", [(1.0, False), (1.03, False), (0.92, True), (1.08, True)])
+def test_the_budget_recheck_replans_when_the_speed_is_off_by_more_than_the_tolerance(tmp_path, speed_ratio,
+                                                                                      replanned):
+    """The first steps of a run are slower than the rest (start-up, a busy machine): a quarter into
+    the run the speed is measured again and a difference above REPLAN_TOLERANCE (5 %) re-plans
+    the length, so the budget is neither wasted nor overrun; a small one keeps the plan."""
+    trainer = make_trainer(tmp_path, total_iters=100, max_time=1000.0)
+    trainer.config = dataclasses.replace(trainer.config, epochs=None)   # the budget alone sets the length
+    trainer._eval_reserve = 0.0
+    trainer.global_step = 40
+    trainer._plan_for_budget(1.0)                        # 1.0 s/step measured at step 40
+    planned = trainer.schedule.total_iters
+    # 20 steps later, taking speed_ratio × the measured time each.
+    trainer._recheck_from = (40, time.time() - 20 * speed_ratio, 1.0)
+    trainer.global_step = 60
+    trainer._recheck_budget()
+    expected = 60 + int((trainer.deadline - time.time() - FIXED_RESERVE) * (1 - MARGIN) / speed_ratio)
+    if replanned:
+        assert trainer.schedule.total_iters == pytest.approx(expected, abs=1) and trainer.schedule.fixed
+        assert abs(trainer.schedule.total_iters - planned) > 0.03 * planned
+    else:
+        assert trainer.schedule.total_iters == planned
