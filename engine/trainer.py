@@ -500,9 +500,10 @@ class Trainer:
         if abs(seconds / measured - 1) > REPLAN_TOLERANCE:
             before = self.schedule.total_iters
             self._plan_for_budget(seconds)
-            log.warning("time budget: the steps take %.2f s, not the %.2f s first measured: the run is re-planned "
-                        "from %d to %d iterations (%s)", seconds, measured, before, self.schedule.total_iters,
-                        self.schedule.describe(self.config.lr))
+            if self.schedule.total_iters != before:   # not when --epochs caps the length either way
+                log.warning("time budget: the steps take %.2f s, not the %.2f s first measured: the run is "
+                            "re-planned from %d to %d iterations (%s)", seconds, measured, before,
+                            self.schedule.total_iters, self.schedule.describe(self.config.lr))
 
     def _estimate_eval_seconds(self) -> float:
         """Seconds one evaluation will take (rank 0's estimate, so every rank plans alike), measured
