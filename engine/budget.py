@@ -17,7 +17,7 @@ import time
 
 SKIP_STEPS = 2        # steps not measured (worker start-up, first allocations)
 MEASURE_STEPS = (5, 20)  # steps timed to fix the run length: through the first epoch boundary
-                         # (checkpoint, loader restart) when an epoch is short, else at least 5
+                         # (its checkpoint) when an epoch is short, else at least 5
 MARGIN = 0.04         # share of the remaining time kept back (speed drift, epoch start-up)
 FIXED_RESERVE = 5.0   # seconds kept for the last checkpoint, the plot and the process exit
 REPLAN_TOLERANCE = 0.05  # re-plan when the re-checked speed is off by more: on a 2-core EPYC the

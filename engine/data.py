@@ -167,8 +167,8 @@ class RunBatches(Sampler):
     One loader iterator then serves the whole run: the workers start once and load the next
     epoch's first batches while this epoch's last ones train. Restarting them at every epoch
     cost about 2 s per epoch on a 2-core CPU (MoNuSeg: 29 epochs of 19 steps in a 20-minute
-    budget). The consumer takes ``len(sampler)`` batches per epoch and drops the iterator when
-    the run ends, which shuts the workers down (Detectron2's training sampler is endless too).
+    budget). The consumer takes ``len(sampler)`` batches per epoch and shuts the workers down
+    when the run ends (``Trainer._close_batches``); Detectron2's training sampler is endless too.
     """
 
     def __init__(self, sampler: TrainBatchSampler):
