@@ -167,31 +167,32 @@ class Validation:
         known = len(ids) == len(dataset)
         densest = max(range(len(ids)), key=lambda i: objects.get(ids[i], 0)) if known else 0
         heads = getattr(self.model, "roi_heads", None)
-        saved = (getattr(heads, "score_thresh", None), getattr(heads, "detections_per_img", None))
+        score_thresh = getattr(heads, "score_thresh", None)
+        cap = getattr(heads, "detections_per_img", None)
 
         def timed(index: int) -> tuple[float, int]:
             return time_one_evaluation(self.model, dataset, self.coco_gt, self.device, self.max_dets, self.amp, index)
         try:
-            if saved[0] is not None:
+            if score_thresh is not None:
                 heads.score_thresh = 0.0
             full, kept = min(timed(densest) for _ in range(2))
-            if saved[1] is not None and known and kept > 1:
+            if cap is not None and known and kept > 1:
                 heads.detections_per_img = 1
                 one, _ = timed(densest)
             else:
                 one = None
         finally:
-            if saved[0] is not None:
-                heads.score_thresh = saved[0]
-            if saved[1] is not None:
-                heads.detections_per_img = saved[1]
+            if score_thresh is not None:
+                heads.score_thresh = score_thresh
+            if cap is not None:
+                heads.detections_per_img = cap
         if one is None:   # no per-image object counts or detections to go by: every image as the densest
             return n * full * evaluations * EVAL_MARGIN + EVAL_FIXED_SECONDS
         per_detection = max(full - one, 0.0) / (kept - 1)
         pixels = {i["id"]: i.get("width", 0) * i.get("height", 0) for i in self.coco_gt.get("images", [])}
         reference = pixels.get(ids[densest]) or 1
         seconds = sum(one * (pixels.get(i) or reference) / reference
-                      + per_detection * min(saved[1], DETECTIONS_PER_OBJECT * objects.get(i, 0)) for i in ids)
+                      + per_detection * min(cap, DETECTIONS_PER_OBJECT * objects.get(i, 0)) for i in ids)
         return seconds / self.dist.world_size * evaluations * EVAL_MARGIN + EVAL_FIXED_SECONDS
 
 
