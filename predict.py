@@ -131,6 +131,10 @@ def main(args: argparse.Namespace) -> int:
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    transform = predictor.model.transform
+    if getattr(transform, "object_diameter", None) is not None:
+        print(f"each image is resized so that its objects' median diameter (measured at scale "
+              f"{transform.test_scale:g}) is {transform.object_diameter:.1f} px", file=sys.stderr)
 
     def report(message: str) -> None:
         print(f"\nerror: {message}", file=sys.stderr)

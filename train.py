@@ -126,7 +126,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "the data's object sizes unless --min-size/--max-size/--anchor-sizes are given)")
     g.add_argument("--input-scale-test", type=float, default=S,
                    help="resize factor at evaluation and prediction (default: chosen on the validation images at "
-                        "the end of training among 1, 1.25 and 1.5 × the input scale)")
+                        "the end of training among 1, 1.25 and 1.5 × the input scale, or per image, see below)")
+    g.add_argument("--object-diameter-test", type=float, default=S,
+                   help="resize each image at evaluation and prediction so that its objects' median diameter (from "
+                        "a first pass at --input-scale-test) becomes this many model pixels (default: chosen at the "
+                        "end of training when it scores at least as well as one factor for all images)")
     g.add_argument("--min-size", type=int, default=S, help="torchvision's resize: shorter image side (COCO convention)")
     g.add_argument("--max-size", type=int, default=S, help="torchvision's resize: longer image side cap")
     g.add_argument("--anchor-sizes", type=_ints, default=S,
@@ -241,7 +245,7 @@ def applied_dataset_defaults(args: argparse.Namespace) -> dict:
         defaults.pop("lr", None)
         defaults.pop("weight_decay", None)
     if {"min_size", "max_size"} & set(given):
-        for flag in ("input_scale", "input_scale_test"):
+        for flag in ("input_scale", "input_scale_test", "object_diameter_test"):
             if flag in given:
                 raise ConfigError(f"--{flag.replace('_', '-')} is a fixed resize factor, --min-size/--max-size "
                                   f"torchvision's resize: give one or the other")
@@ -294,9 +298,9 @@ def make_run_dir(config: TrainConfig, resume_from: Path | None, dist_info) -> Pa
 
 
 def warn_config_changes(saved: dict, config: TrainConfig) -> None:
-    # input_scale_test: what the end of the run chose (it chooses again), unless a flag fixed it.
+    # input_scale_test, object_diameter_test: what the end of the run chose (it chooses again), unless a flag fixed it.
     ignore = {"resume", "epochs", "output_dir", "name", "print_freq", "workers", "eval_every", "test_only", "device",
-              "max_time", "input_scale_test"}
+              "max_time", "input_scale_test", "object_diameter_test"}
     now = config.to_dict()
     # A field newer than the checkpoint is no change (anchor_ratios, since TrainConfig took ModelOptions' fields).
     changed = {k: (saved[k], now[k]) for k in now if k not in ignore and k in saved and saved[k] != now[k]}
@@ -338,33 +342,43 @@ def resolve_from_data(config: TrainConfig, pinned: set[str], train_set) -> Train
 
 def searches_test_scale(config: TrainConfig, pinned: set[str]) -> bool:
     """Whether the end of this run chooses the test scale on the validation images: a fixed
-    input scale (not torchvision's min/max-size resize) and no --input-scale-test."""
-    return config.input_scale is not None and not config.test_only and "input_scale_test" not in pinned
+    input scale (not torchvision's min/max-size resize) and neither --input-scale-test nor
+    --object-diameter-test."""
+    return (config.input_scale is not None and not config.test_only
+            and not {"input_scale_test", "object_diameter_test"} & pinned)
 
 
 def choose_test_scale(search: TestScaleSearch, config: TrainConfig, report: dict, run_dir: Path,
                       is_main: bool, deadline: float | None = None) -> tuple[TrainConfig, dict]:
     """Run ``search`` after the final validation (``report``), within a time budget's
-    ``deadline`` if there is one, log it, and store the chosen test scale in the run's
-    config.json and checkpoints; the report at that scale replaces ``report`` in
-    eval_report.json. → ``(config, report)``."""
+    ``deadline`` if there is one, log it, and store the chosen test scale (and object diameter,
+    for per-image scales) in the run's config.json and checkpoints; the report of the choice
+    replaces ``report`` in eval_report.json. → ``(config, report)``."""
     started = time.time()
     epoch = -1
     if is_main and (run_dir / "eval_report.json").is_file():
         epoch = json.loads((run_dir / "eval_report.json").read_text()).get("epoch", -1)
-    scale, report, numbers = search(epoch, report, deadline)
-    tried = ", ".join(f"×{f:g} {n.get(config.best_metric, float('nan')):.4f}" for f, n in numbers.items())
-    log.info("test scale %g (×%g the training scale %g), chosen by %s on %d validation image(s): %s (%.1f s)",
-             scale, scale / config.input_scale, config.input_scale, config.best_metric,
+    choice = search(epoch, report, deadline)
+    metric = config.best_metric
+    tried = ", ".join(f"×{f:g} {n.get(metric, float('nan')):.4f}" for f, n in choice.numbers.items())
+    if choice.per_image is not None:
+        tried += f", per image {choice.per_image.get(metric, float('nan')):.4f}"
+    if choice.object_diameter is not None:
+        what = (f"a scale per image: objects shown at a median diameter of {choice.object_diameter:.1f} px "
+                f"(measured at test scale {choice.scale:g})")
+    else:
+        what = f"test scale {choice.scale:g} (×{choice.scale / config.input_scale:g} the training scale {config.input_scale:g})"
+    log.info("%s, chosen by %s on %d validation image(s): %s (%.1f s)", what, metric,
              len(search.subset.loader.dataset), tried, time.time() - started)
-    config = dataclasses.replace(config, input_scale_test=scale)
+    values = {"input_scale_test": choice.scale, "object_diameter_test": choice.object_diameter}
+    config = dataclasses.replace(config, **values)
     if is_main:
         write_json_atomic(run_dir / "config.json", config.to_dict())
-        write_json_atomic(run_dir / "eval_report.json", {"epoch": epoch, "input_scale_test": scale, **report})
+        write_json_atomic(run_dir / "eval_report.json", {"epoch": epoch, **values, **choice.report})
         for name in ("last.pth", "best.pth"):
             if (run_dir / name).is_file():
-                set_config_values(run_dir / name, input_scale_test=scale)
-    return config, report
+                set_config_values(run_dir / name, **values)
+    return config, choice.report
 
 
 def _first_image_name(dataset) -> str:

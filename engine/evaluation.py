@@ -11,7 +11,7 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch.utils.data import Subset
 
 from engine import distributed
 from engine.data import eval_loader
-from engine.inference import detect
+from engine.inference import DIAMETER_MIN_OBJECTS, detect, object_scale
 from metrics import evaluate_predictions
 from utils.instances import detections_to_coco_results
 from utils.io import write_json_atomic
@@ -36,8 +36,10 @@ def autocast_context(device: torch.device, enabled: bool | None):
 
 @torch.inference_mode()
 def predict_loader(model: torch.nn.Module, loader, device: torch.device, amp: bool = False,
-                   print_freq: int = 50) -> dict[Any, list[dict]]:
-    """Run ``model`` over ``loader`` → ``{image_id: [COCO result, ...]}`` for this rank's images."""
+                   print_freq: int = 50, diameters: dict | None = None) -> dict[Any, list[dict]]:
+    """Run ``model`` over ``loader`` → ``{image_id: [COCO result, ...]}`` for this rank's images.
+    ``diameters``: filled with each image's median object diameter (``detect``'s
+    ``object_diameter``, image pixels, ``None`` where too few objects were found)."""
     model.eval()
     per_image: dict[Any, list[dict]] = {}
     start = time.perf_counter()
@@ -48,6 +50,8 @@ def predict_loader(model: torch.nn.Module, loader, device: torch.device, amp: bo
             outputs = detect(model, images)
         for target, output in zip(targets, outputs):
             per_image[target["image_id"]] = detections_to_coco_results(output, target["image_id"])
+            if diameters is not None:
+                diameters[target["image_id"]] = output["object_diameter"]
         if print_freq and (step + 1) % print_freq == 0:
             log.info("eval: %d/%d batches, %.2f s/batch", step + 1, len(loader),
                      (time.perf_counter() - start) / (step + 1))
@@ -73,21 +77,32 @@ def time_one_evaluation(model: torch.nn.Module, dataset, coco_gt: dict, device: 
     return time.perf_counter() - start, len(results)
 
 
+def gather_per_image(per_image: dict[Any, Any]) -> dict[Any, Any]:
+    """All ranks' ``{image_id: value}``, one entry per image id (the first rank's wins), on every rank."""
+    merged: dict[Any, Any] = {}
+    for part in distributed.all_gather_objects(per_image):
+        for image_id, value in part.items():
+            merged.setdefault(image_id, value)
+    return merged
+
+
 def gather_results(per_image: dict[Any, list[dict]]) -> list[dict]:
     """All ranks' results, one entry per image id (the first rank's copy wins), on every rank."""
-    merged: dict[Any, list[dict]] = {}
-    for part in distributed.all_gather_objects(per_image):
-        for image_id, results in part.items():
-            merged.setdefault(image_id, results)
+    merged = gather_per_image(per_image)
     return [r for image_id in sorted(merged, key=str) for r in merged[image_id]]
 
 
 def evaluate_model(model: torch.nn.Module, loader, coco_gt: dict, device: torch.device, max_dets: int,
                    amp: bool = False, sartorius_score_thresh: float = 0.5,
-                   class_names: list[str] | None = None) -> tuple[dict, list[dict]]:
-    """Predict, gather and score. Every rank gets the same ``(report, results)``."""
-    per_image = predict_loader(model, loader, device, amp)
+                   class_names: list[str] | None = None,
+                   diameters: dict | None = None) -> tuple[dict, list[dict]]:
+    """Predict, gather and score. Every rank gets the same ``(report, results)``; ``diameters``:
+    filled with every image's median object diameter (``predict_loader``), on every rank."""
+    found: dict[Any, float | None] = {}
+    per_image = predict_loader(model, loader, device, amp, diameters=found)
     results = gather_results(per_image)
+    if diameters is not None:
+        diameters.update(gather_per_image(found))
     report = None
     if not distributed.is_distributed() or torch.distributed.get_rank() == 0:
         with warnings.catch_warnings():
@@ -115,12 +130,14 @@ class Validation:
         self.class_names = class_names
         self.predictions_path = predictions_path
         self.last_seconds = 0.0   # wall time of the latest call
+        self.last_diameters: dict[Any, float | None] = {}   # the latest call's median object diameter per image
 
     def __call__(self, epoch: int) -> dict:
         started = time.time()
+        self.last_diameters = {}
         report, results = evaluate_model(self.model, self.loader, self.coco_gt, self.device, self.max_dets,
                                          amp=self.amp, sartorius_score_thresh=self.sartorius_score_thresh,
-                                         class_names=self.class_names)
+                                         class_names=self.class_names, diameters=self.last_diameters)
         self.last_seconds = time.time() - started
         if self.predictions_path is not None and self.dist.is_main:
             write_json_atomic(self.predictions_path, results, indent=None)
@@ -218,71 +235,136 @@ TEST_SCALE_IMAGES = 32        # validation images the choice is made on (evenly 
 # of its value: on the quick start's 8-epoch checkpoint ×1.5 scored segm AP 0.5799 against
 # ×1.25's 0.5781 (+0.3 %) but its Sartorius score fell from 0.704 to 0.587.
 TEST_SCALE_MIN_GAIN = 0.01
+# The best factor follows the size of an image's objects (MoNuSeg: ×2 for the kidney's 12-px
+# nuclei, ×1 for the prostate's 26-px ones), so a scale per image (``engine.inference.detect``
+# with an ``object_diameter``) is tried as well when the validation images' objects differ in
+# size by at least this ratio (medians of their ground truth; below it the per-image scales would
+# all be one factor). Objects are then shown at the best-scoring factor times the median image's
+# objects, and the per-image scales are kept unless they score TEST_SCALE_MIN_GAIN below the best
+# single factor: they carry to images whose objects are unlike the validation's, which one
+# factor cannot.
+PER_IMAGE_MIN_SPREAD = 1.25
+
+
+class TestScaleChoice(NamedTuple):
+    __test__ = False                # not a pytest class
+    scale: float                    # the test scale (the first pass's, with an object diameter)
+    object_diameter: float | None   # per-image scales: the objects' median diameter in model pixels
+    report: dict                    # the choice's report on the whole validation split
+    numbers: dict[float, dict]      # {factor: headline numbers on the images searched}
+    per_image: dict | None          # the per-image scales' headline numbers, when tried
+
+
+def median_diameters(coco_gt: dict, min_objects: int = DIAMETER_MIN_OBJECTS) -> dict[Any, float]:
+    """``{image_id: median equivalent diameter of its annotated objects}`` (pixels), for the
+    images with at least ``min_objects`` of them."""
+    areas: dict[Any, list[float]] = {}
+    for a in coco_gt.get("annotations", []):
+        if not a.get("iscrowd", 0) and a.get("area"):
+            areas.setdefault(a["image_id"], []).append(float(a["area"]))
+    return {i: float(2 * np.sqrt(np.median(v) / np.pi)) for i, v in areas.items() if len(v) >= min_objects}
 
 
 class TestScaleSearch:
-    """Choose the model's test scale (``ScaleTransform.test_scale``) on validation images.
+    """Choose the model's test scale (``ScaleTransform.test_scale``) on validation images, and
+    whether each image gets its own (``ScaleTransform.object_diameter``).
 
     ``validation``: the run's ``Validation`` (whose report at the training scale the search
     reuses when it covers at most ``max_images``; else the search runs on ``max_images`` evenly
     spaced images and the chosen scale is then scored on all of them)."""
+    __test__ = False                # not a pytest class
 
     def __init__(self, validation: "Validation", transform, metric: str, factors=TEST_SCALE_FACTORS,
                  max_images: int = TEST_SCALE_IMAGES):
         self.validation, self.transform, self.metric = validation, transform, metric
         self.factors, self.base = tuple(factors), float(transform.scale)
         self.subset = validation.subset(max_images)
+        sizes = list(median_diameters(getattr(self.subset, "coco_gt", {})).values())
+        self.tries_per_image = len(sizes) >= 2 and max(sizes) >= PER_IMAGE_MIN_SPREAD * min(sizes)
 
     def cost(self) -> float:
         """Seconds of the search, in units of one validation at the training scale (pixels grow
-        with the square of the factor)."""
+        with the square of the factor; the per-image scales: a first pass and at most the largest
+        factor)."""
         share = len(self.subset.loader.dataset) / max(len(self.validation.loader.dataset), 1)
         extra = sum(f * f for f in self.factors if f != 1.0) + (0.0 if self.subset is self.validation else 1.0)
-        rescore = 0.0 if self.subset is self.validation else max(self.factors) ** 2
+        if self.tries_per_image:
+            extra += 1.0 + max(self.factors) ** 2
+        rescore = 0.0 if self.subset is self.validation else (1.0 if self.tries_per_image else 0.0) + max(self.factors) ** 2
         return share * extra + rescore
 
-    def __call__(self, epoch: int, report: dict, deadline: float | None = None) -> tuple[float, dict, dict[float, dict]]:
-        """``report``: the validation at the training scale just done → ``(test scale, its report
-        on the whole validation split, {factor: headline numbers on the images searched})``; the
-        transform is left at the chosen scale. A larger factor is chosen only when it beats the
-        best smaller one by ``TEST_SCALE_MIN_GAIN`` of its value. ``deadline`` (a time budget's
-        end, ``time.time()``): a factor whose evaluation would end after it is not tried, nor any
-        larger one; its cost is the last evaluation's per pixel (the first: the validation at the
-        training scale, ``Validation.last_seconds``)."""
+    def __call__(self, epoch: int, report: dict, deadline: float | None = None) -> TestScaleChoice:
+        """``report``: the validation at the training scale just done → a ``TestScaleChoice``; the
+        transform is left as chosen. A larger factor is chosen only when it beats the best
+        smaller one by ``TEST_SCALE_MIN_GAIN`` of its value; the per-image scales (objects shown
+        at the best-scoring factor times the validation images' median object diameter, measured
+        at the training scale) unless they fall that share below it. ``deadline`` (a time
+        budget's end, ``time.time()``): an evaluation that would end after it is not tried, nor
+        any after it; its cost is the last evaluation's per pixel (the first: the validation at
+        the training scale, ``Validation.last_seconds``)."""
         reports = {1.0: report} if self.subset is self.validation else {}
+        diameters = dict(getattr(self.subset, "last_diameters", {})) if reports else {}
         share = len(self.subset.loader.dataset) / max(len(self.validation.loader.dataset), 1)
         per_unit = self.validation.last_seconds * share   # seconds of the subset at factor 1
+        rescore_unit = 0.0 if self.subset is self.validation else self.validation.last_seconds
+
+        def fits(what: str, units: float, rescore_units: float) -> bool:
+            needed = per_unit * units + rescore_unit * rescore_units
+            if deadline is None or per_unit <= 0 or not distributed.broadcast_object(time.time() + needed > deadline):
+                return True
+            log.warning("%s not tried: about %.0f s, and the time budget has %.0f s left", what, needed,
+                        max(deadline - time.time(), 0.0))
+            return False
+
         try:
             for factor in self.factors:
                 if factor in reports:
                     continue
-                rescore = 0.0 if self.subset is self.validation or factor == 1.0 else self.validation.last_seconds * factor ** 2
-                needed = per_unit * factor ** 2 + rescore
-                if deadline is not None and per_unit > 0 and distributed.broadcast_object(time.time() + needed > deadline):
-                    log.warning("test scale ×%g and larger not tried: about %.0f s, and the time budget has %.0f s "
-                                "left", factor, needed, max(deadline - time.time(), 0.0))
+                if not fits(f"test scale ×{factor:g} and larger", factor ** 2, 0.0 if factor == 1.0 else factor ** 2):
                     break
                 self.transform.test_scale = self.base * factor
                 started = time.time()
                 reports[factor] = self.subset(epoch)
                 per_unit = (time.time() - started) / factor ** 2
+                if factor == 1.0:
+                    diameters = dict(getattr(self.subset, "last_diameters", {}))
         finally:
             self.transform.test_scale = self.base
         numbers = {f: headline(r) for f, r in reports.items()}
         if not numbers:
-            return self.base, report, {1.0: headline(report)}
+            return TestScaleChoice(self.base, None, report, {1.0: headline(report)}, None)
         best = None
         for factor in sorted(numbers):
             value = numbers[factor].get(self.metric, float("-inf"))
             if best is None or value > best[1] + TEST_SCALE_MIN_GAIN * abs(best[1]):
                 best = (factor, value)
-        best = best[0]
-        self.transform.test_scale = self.base * best
+        factor, value = best
+        per_image, per_image_report, target = None, None, None
+        found = [d for d in diameters.values() if d]
+        if self.tries_per_image and len(found) >= 2:
+            # The size to show objects at: the best-scoring factor's (no gain asked: it sets a size,
+            # not a cost) times the median image's objects.
+            aim = max(numbers, key=lambda f: numbers[f].get(self.metric, float("-inf")))
+            target = aim * self.base * float(np.median(found))
+            scales = [object_scale(self.transform, d, target) / self.base for d in diameters.values()]
+            units = 1.0 + float(np.mean([f * f for f in scales]))
+            if fits("per-image test scales", units, units):
+                self.transform.object_diameter = target
+                try:
+                    per_image_report = self.subset(epoch)
+                finally:
+                    self.transform.object_diameter = None
+                per_image = headline(per_image_report)
+        if per_image is not None and per_image.get(self.metric, float("-inf")) >= value - TEST_SCALE_MIN_GAIN * abs(value):
+            self.transform.object_diameter = target
+            final = per_image_report if self.subset is self.validation else self.validation(epoch)
+            return TestScaleChoice(self.base, target, final, numbers, per_image)
+        self.transform.test_scale = self.base * factor
         if self.subset is self.validation:
-            final = reports[best]
+            final = reports[factor]
         else:
-            final = report if best == 1.0 else self.validation(epoch)
-        return self.base * best, final, numbers
+            final = report if factor == 1.0 else self.validation(epoch)
+        return TestScaleChoice(self.base * factor, None, final, numbers, per_image)
 
 
 def headline(report: dict) -> dict[str, float]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from engine.inference import BoxFrameDetector
+from engine.inference import OBJECT_SCALE_RANGE, BoxFrameDetector
 from models.zoo import fix_rpn_test_caps
 from transforms.preprocess import PERCENTILES, Preprocessing
 from utils.io import atomic_path, write_json_atomic
@@ -84,6 +84,13 @@ def export_record(state: dict[str, Any], model: torch.nn.Module, fmt: str, examp
                            "post_nms": int(model.rpn._post_nms_top_n["testing"])},
         "model": config.get("model"),
     }
+    if config.get("object_diameter_test"):
+        # The per-image scale is two passes in Python (engine.inference.detect), not the graph's.
+        record["per_image_scale"] = (
+            f"not in the file, which resizes every image by input_scale; predict.py rescales each image so its "
+            f"objects' median diameter (from the detections scoring ≥ 0.5 at input_scale) becomes "
+            f"{config['object_diameter_test']:.1f} model pixels, within {OBJECT_SCALE_RANGE[0]:g}-"
+            f"{OBJECT_SCALE_RANGE[1]:g}× the training scale {config['input_scale']:g}")
     if example_size is not None:
         record["traced_at_size"] = list(example_size)
     return record

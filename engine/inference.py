@@ -5,10 +5,17 @@ the boxes to the original image and pastes every ``28×28`` mask into an ``H×W`
 (``N×1×H×W``: 1.2 GB for 800 detections at 520×704). ``detect`` runs the same modules in the
 same order but only rescales the boxes; masks stay in their box frame and are pasted box by
 box by ``utils.box_masks.paste_masks_in_boxes`` (pixel-aligned: the inverse of the training targets' sampling).
+
+A model whose ``ScaleTransform`` has an ``object_diameter`` resizes each image by its own factor:
+``detect`` predicts at the test scale, measures the median diameter of the objects it found, and
+predicts again at the scale that shows them at ``object_diameter`` model pixels (as cellpose
+rescales each image to its model's cell diameter). Nuclei of one stain differ 2× in size between
+tissues, and their best test scale with them (docs/benchmarks.md, MoNuSeg).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,6 +24,16 @@ from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.transform import resize_boxes
 
 MASK_CHUNK = 100     # detections per pass of the mask head
+# The per-image scale: estimated from the detections scoring at least this (the final instances'
+# default threshold), from at least this many of them, and predicted again only when it differs
+# from the first pass's by more than the tolerance; kept within this range of factors of the
+# training scale. Never below it: shrunk to 0.75× every MoNuSeg validation image lost DSB (0.03-0.11),
+# enlarged past its best they lose slowly; and ×2 at most (the kidney's 12-px nuclei gain
+# 0.006 more at ×2.5 for 1.6× the pixels).
+DIAMETER_MIN_SCORE = 0.5
+DIAMETER_MIN_OBJECTS = 5
+SCALE_TOLERANCE = 0.1
+OBJECT_SCALE_RANGE = (1.0, 2.0)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -89,20 +106,91 @@ class BoxFrameDetector(torch.nn.Module):
         return results
 
 
+def median_diameter(output: dict[str, torch.Tensor], min_score: float = DIAMETER_MIN_SCORE,
+                    min_objects: int = DIAMETER_MIN_OBJECTS) -> float | None:
+    """Median equivalent diameter (``2·sqrt(area/π)``, in the output's pixels) of the detections
+    scoring ``min_score`` or more, their areas read in the box frame (the mask's share of its box
+    times the box's area); ``None`` with fewer than ``min_objects`` of them."""
+    keep = output["scores"] >= min_score
+    if int(keep.sum()) < min_objects:
+        return None
+    boxes = output["boxes"][keep]
+    share = (output["mask_probs"][keep] >= 0.5).flatten(1).float().mean(1)
+    areas = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0) * share
+    return float(2.0 * torch.sqrt(areas.float().quantile(0.5) / torch.pi))   # np.median's middle
+
+
+def object_scale(transform: torch.nn.Module, diameter: float | None, target: float | None = None) -> float:
+    """The input scale that shows objects of median ``diameter`` (image pixels) at ``target``
+    model pixels (default: the transform's ``object_diameter``), within ``OBJECT_SCALE_RANGE``
+    of its training scale; its test scale (the first pass's) when there is no estimate or that
+    is close enough."""
+    first = float(transform.test_scale)
+    target = transform.object_diameter if target is None else target
+    if diameter is None or diameter <= 0:
+        return first
+    low, high = (transform.scale * f for f in OBJECT_SCALE_RANGE)
+    scale = min(max(target / diameter, low), high)
+    return first if abs(scale / first - 1.0) <= SCALE_TOLERANCE else scale
+
+
+@contextmanager
+def test_scale(transform: torch.nn.Module, scale: float):
+    """Within the block ``transform`` resizes every eval-mode input by ``scale``."""
+    saved = transform.test_scale
+    transform.test_scale = scale
+    try:
+        yield
+    finally:
+        transform.test_scale = saved
+
+
 @torch.inference_mode()
-def detect(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, Any]]:
+def detect(model: torch.nn.Module, images: list[torch.Tensor],
+           scales: list[float] | None = None) -> list[dict[str, Any]]:
     """Run a torchvision Mask R-CNN in eval mode on ``images`` (each float ``3×H×W`` in [0, 1]).
 
     Returns one dict per image:
       ``boxes`` float32 ``N×4`` xyxy in original-image pixels, ``scores`` float32 ``N``,
       ``labels`` int64 ``N``, ``mask_probs`` float32 ``N×M×M`` (the mask head's probabilities
-      for the predicted class, in the box frame; M = 28) and ``image_size`` ``(H, W)``.
+      for the predicted class, in the box frame; M = 28), ``image_size`` ``(H, W)``,
+      ``input_scale`` (the factor the image was resized by; ``None`` for torchvision's
+      min/max-size resize) and ``object_diameter`` (``median_diameter`` of the pass at the test
+      scale, image pixels; ``None`` without it).
+    ``scales``: each image's input scale (a ``ScaleTransform`` model), instead of the test scale
+    or, where the transform has an ``object_diameter``, the scale chosen from a first pass.
     Tensors stay on the model's device. Callers choose the autocast context; outputs are float32.
     """
     net = unwrap(model)
     if net.training:
         raise RuntimeError("detect() needs the model in eval mode (call model.eval())")
-    outputs = BoxFrameDetector(net)(images)
+    detector, transform = BoxFrameDetector(net), net.transform
+    outputs: list[dict[str, Any] | None] = [None] * len(images)
+    if scales is None:
+        outputs = _run(detector, images, getattr(transform, "test_scale", None))
+        if getattr(transform, "object_diameter", None) is None:
+            return outputs
+        scales = [object_scale(transform, out["object_diameter"]) for out in outputs]
+    elif not hasattr(transform, "test_scale"):
+        raise ValueError("detect(scales=...) needs a model with a fixed input scale (ScaleTransform)")
+    for scale in dict.fromkeys(scales):     # images that share a scale are predicted together
+        todo = [i for i, s in enumerate(scales) if s == scale
+                and (outputs[i] is None or outputs[i]["input_scale"] != scale)]
+        if not todo:
+            continue
+        with test_scale(transform, scale):
+            again = _run(detector, [images[i] for i in todo], scale)
+        for i, out in zip(todo, again):
+            if outputs[i] is not None:          # the first pass's estimate chose this scale
+                out["object_diameter"] = outputs[i]["object_diameter"]
+            outputs[i] = out
+    return outputs
+
+
+def _run(detector: BoxFrameDetector, images: list[torch.Tensor], scale: float | None) -> list[dict[str, Any]]:
+    outputs = detector(images)
     for out, img in zip(outputs, images):
         out["image_size"] = (int(img.shape[-2]), int(img.shape[-1]))
+        out["input_scale"] = scale
+        out["object_diameter"] = median_diameter(out)
     return outputs

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from engine.evaluation import autocast_context
-from engine.inference import detect, unwrap
+from engine.inference import OBJECT_SCALE_RANGE, detect, object_scale, test_scale, unwrap
 from engine.tiling import merge_tiles, stride_aligned_step, tile_grid
 from transforms.preprocess import Preprocessing, intensity_bounds, to_model_input
 from utils.box_masks import box_masks_to_coco_rle
@@ -195,11 +195,14 @@ def predict_instances(model: torch.nn.Module | Sequence[torch.nn.Module], images
     return [Instances.from_detections(out, mask_thresh) for out in outputs]
 
 
-def input_scale(model: torch.nn.Module, height: int, width: int) -> float:
+def input_scale(model: torch.nn.Module, height: int, width: int, largest: bool = False) -> float:
     """The factor the model's transform resizes a ``height×width`` image by in eval mode: its
-    fixed test scale, or torchvision's min/max-size rule for this image."""
+    fixed test scale, or torchvision's min/max-size rule for this image. ``largest``: with
+    per-image scales (``engine.inference.detect``), the largest one it may choose."""
     transform = unwrap(model).transform
     if hasattr(transform, "test_scale"):
+        if largest and getattr(transform, "object_diameter", None) is not None:
+            return max(float(transform.test_scale), transform.scale * OBJECT_SCALE_RANGE[1])
         return float(transform.test_scale)
     short, long = min(height, width), max(height, width)
     return min(float(transform.min_size[-1]) / short, float(transform.max_size) / long)
@@ -208,7 +211,8 @@ def input_scale(model: torch.nn.Module, height: int, width: int) -> float:
 @contextlib.contextmanager
 def fixed_scale(models: Sequence[torch.nn.Module], scale: float):
     """Within the block, every model resizes every input by ``scale`` (tiles of a large image
-    are seen at the scale the whole image would be, not each resized to ``min_size``)."""
+    are seen at the scale the whole image would be, not each resized to ``min_size`` or each at
+    a per-image scale of its own)."""
     with contextlib.ExitStack() as stack:
         for model in models:
             stack.enter_context(_fixed_scale(model, scale))
@@ -222,7 +226,13 @@ def _fixed_scale(model: torch.nn.Module, scale: float):
     net = unwrap(model)
     original = net.transform
     if isinstance(original, ScaleTransform):
-        yield
+        saved = original.object_diameter
+        original.object_diameter = None
+        try:
+            with test_scale(original, scale):
+                yield
+        finally:
+            original.object_diameter = saved
         return
     net.transform = ScaleTransform(scale, original.image_mean, original.image_std,
                                    size_divisible=original.size_divisible)
@@ -504,8 +514,22 @@ class Predictor:
             return None
         if self.tile is not None:
             return self.tile if max(height, width) > self.tile else None
-        scale = input_scale(self.model, height, width)
+        scale = input_scale(self.model, height, width, largest=True)
         return DEFAULT_TILE if height * width * scale * scale > self.auto_tile_pixels else None
+
+    def _tiled_scale(self, array: np.ndarray, bounds, tile: int) -> float:
+        """The scale every tile of ``array`` is seen at: the model's test scale, or with per-image
+        scales (``engine.inference.detect``) the one its centre tile's objects ask for."""
+        height, width = array.shape[:2]
+        scale = input_scale(self.model, height, width)
+        transform = unwrap(self.model).transform
+        if getattr(transform, "object_diameter", None) is None:
+            return scale
+        y0, x0 = max((height - tile) // 2, 0), max((width - tile) // 2, 0)
+        centre = to_model_input(array[y0:y0 + tile, x0:x0 + tile], self.contract, bounds).to(self.device)
+        with autocast_context(self.device, self.amp):
+            first = detect(self.model, [centre], [scale])[0]
+        return object_scale(transform, first["object_diameter"])
 
     def _predict_tiled(self, item: _Item, array: np.ndarray, tile: int, progress: bool) -> Prediction:
         """One large image in overlapping tiles, merged across the seams (``engine.tiling``).
@@ -513,7 +537,7 @@ class Predictor:
         converted as the whole image would be."""
         height, width = array.shape[:2]
         bounds = intensity_bounds(array, self.contract)
-        scale = input_scale(self.model, height, width)
+        scale = self._tiled_scale(array, bounds, tile)
         align = stride_aligned_step(scale)
         if align > (tile - self.tile_overlap) // 2:    # a grid that coarse would cost more tiles than it saves
             align = 1

@@ -156,9 +156,12 @@ def predict_ensemble(models: Sequence[torch.nn.Module], images: list[torch.Tenso
     device = images[0].device
     runs = []
     for model in models:
+        scales = None     # a model's per-image scales (engine.inference.detect), from its first flip
         for flip in flips:
             with autocast_context(device, amp):
-                outputs = detect(model, [flip_image(img, flip) for img in images])
+                outputs = detect(model, [flip_image(img, flip) for img in images], scales)
+            if outputs and outputs[0]["input_scale"] is not None:
+                scales = [out["input_scale"] for out in outputs]
             runs.append([unflip_detections(out, flip) for out in outputs])
     caps = [getattr(getattr(unwrap(m), "roi_heads", None), "detections_per_img", None) for m in models]
     cap = max((c for c in caps if c is not None), default=None)

@@ -47,13 +47,17 @@ def resize_instance_masks(masks: np.ndarray, boxes: np.ndarray, out_h: int, out_
 class ScaleTransform(GeneralizedRCNNTransform):
     """``GeneralizedRCNNTransform`` with a fixed resize factor instead of min/max sizes:
     ``scale`` in training, ``test_scale`` (default ``scale``) in eval mode, as Detectron2 has a
-    training and a test size."""
+    training and a test size. ``object_diameter`` (model pixels), when set, asks
+    ``engine.inference.detect`` to resize each image by its own factor, the one that shows its
+    objects' median diameter at that size; the transform itself resizes by ``test_scale``."""
 
-    def __init__(self, scale: float, image_mean, image_std, test_scale: Optional[float] = None, **kwargs):
+    def __init__(self, scale: float, image_mean, image_std, test_scale: Optional[float] = None,
+                 object_diameter: Optional[float] = None, **kwargs):
         # min_size/max_size are unused by resize() below; torchvision's code requires them.
         super().__init__(min_size=1, max_size=1, image_mean=image_mean, image_std=image_std, **kwargs)
         self.scale = float(scale)
         self.test_scale = float(scale if test_scale is None else test_scale)
+        self.object_diameter = None if object_diameter is None else float(object_diameter)
 
     def resize(self, image: torch.Tensor,
                target: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
@@ -99,5 +103,6 @@ class ScaleTransform(GeneralizedRCNNTransform):
         return target
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(scale={self.scale}, test_scale={self.test_scale}, mean={self.image_mean}, "
+        return (f"{type(self).__name__}(scale={self.scale}, test_scale={self.test_scale}, "
+                f"object_diameter={self.object_diameter}, mean={self.image_mean}, "
                 f"std={self.image_std})")

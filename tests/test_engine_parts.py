@@ -250,7 +250,7 @@ def test_test_scale_search_keeps_the_best_factor_and_scores_it_on_the_whole_spli
     search = TestScaleSearch(validation, transform, "segm_AP", max_images=32)
     at_training_scale = validation(0)
     calls.clear()
-    scale, report, numbers = search(0, at_training_scale)
+    scale, _, report, numbers, _ = search(0, at_training_scale)
     assert scale == 2.5 and transform.test_scale == 2.5 and transform.scale == 2.0   # not 3.0: no gain over 2.5
     assert report["coco"]["segm"]["AP"] == 0.3 and numbers[1.0]["segm_AP"] == 0.1
     if images <= 32:     # the training-scale report is reused; the searched images are the split
@@ -279,11 +279,11 @@ def test_test_scale_search_tries_only_the_factors_that_fit_in_the_time_budget(ca
     at_training_scale = validation(0)
     calls.clear()
     with caplog.at_level(logging.WARNING, logger="engine.evaluation"):
-        scale, report, numbers = TestScaleSearch(validation, transform, "segm_AP")(0, at_training_scale,
-                                                                                 time.time() + 12)
+        scale, _, report, numbers, _ = TestScaleSearch(validation, transform, "segm_AP")(0, at_training_scale,
+                                                                                       time.time() + 12)
     assert calls == [] and scale == 1.0 and transform.test_scale == 1.0 and report is at_training_scale
     assert list(numbers) == [1.0] and "×1.25 and larger not tried" in caplog.text
-    scale, _, numbers = TestScaleSearch(validation, transform, "segm_AP")(0, at_training_scale, time.time() + 60)
+    scale, _, _, numbers, _ = TestScaleSearch(validation, transform, "segm_AP")(0, at_training_scale, time.time() + 60)
     assert scale == 1.5 and sorted(numbers) == [1.0, 1.25, 1.5]
 
 
