@@ -130,7 +130,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--object-diameter-test", type=float, default=S,
                    help="resize each image at evaluation and prediction so that its objects' median diameter (from "
                         "a first pass at --input-scale-test) becomes this many model pixels (default: chosen at the "
-                        "end of training when it scores at least as well as one factor for all images)")
+                        "end of training when the validation images' objects differ in size and it scores within 5 %% "
+                        "of the best single factor)")
     g.add_argument("--min-size", type=int, default=S, help="torchvision's resize: shorter image side (COCO convention)")
     g.add_argument("--max-size", type=int, default=S, help="torchvision's resize: longer image side cap")
     g.add_argument("--anchor-sizes", type=_ints, default=S,
@@ -247,7 +248,8 @@ def applied_dataset_defaults(args: argparse.Namespace) -> dict:
     if {"min_size", "max_size"} & set(given):
         for flag in ("input_scale", "input_scale_test", "object_diameter_test"):
             if flag in given:
-                raise ConfigError(f"--{flag.replace('_', '-')} is a fixed resize factor, --min-size/--max-size "
+                what = "needs" if flag == "object_diameter_test" else "is"
+                raise ConfigError(f"--{flag.replace('_', '-')} {what} a fixed resize factor, --min-size/--max-size "
                                   f"torchvision's resize: give one or the other")
         defaults.pop("input_scale", None)   # the user asked for torchvision's resize
     return {k: v for k, v in defaults.items() if given.get(k) is None}

@@ -272,3 +272,5 @@ def test_the_flag_pins_the_object_diameter_and_is_checked():
     assert not train.searches_test_scale(train.config_from_args(args), train.pinned_options(args))
     with pytest.raises(ValueError, match="--object-diameter-test must be a diameter"):
         TrainConfig(**SMALL, object_diameter_test=-1.0).model_options().check()
+    with pytest.raises(train.ConfigError, match="--object-diameter-test needs a fixed resize factor"):
+        train.config_from_args(train.get_args_parser().parse_args(["--min-size", "96", "--object-diameter-test", "20"]))
