@@ -236,7 +236,7 @@ TEST_SCALE_IMAGES = 32        # validation images the choice is made on (evenly 
 # ×1.25's 0.5781 (+0.3 %) but its Sartorius score fell from 0.704 to 0.587.
 TEST_SCALE_MIN_GAIN = 0.01
 # The best factor follows the size of an image's objects (MoNuSeg: ×2 for the kidney's 12-px
-# nuclei, ×1 for the prostate's 26-px ones), so a scale per image (``engine.inference.detect``
+# nuclei, ×1-1.25 for the prostate's 26-px ones), so a scale per image (``engine.inference.detect``
 # with an ``object_diameter``) is tried as well when the validation images' objects differ in
 # size by at least this ratio (medians of their ground truth; below it the per-image scales would
 # all be one factor). Objects are then shown at the best-scoring factor times the median image's

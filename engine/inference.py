@@ -27,7 +27,7 @@ MASK_CHUNK = 100     # detections per pass of the mask head
 # The per-image scale: estimated from the detections scoring at least this (the final instances'
 # default threshold), from at least this many of them, and predicted again only when it differs
 # from the first pass's by more than the tolerance; kept within this range of factors of the
-# training scale. Never below it: shrunk to 0.75× every MoNuSeg validation image lost DSB (0.03-0.11),
+# training scale. Never below it: shrunk to 0.75× every MoNuSeg validation image lost DSB (0.03-0.13),
 # enlarged past its best they lose slowly; and ×2 at most (the kidney's 12-px nuclei gain
 # 0.006 more at ×2.5 for 1.6× the pixels).
 DIAMETER_MIN_SCORE = 0.5
